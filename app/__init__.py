@@ -1,0 +1,68 @@
+"""jupyter-kernel-proxy: start Jupyter kernels, run code on them and shut them down over HTTP.
+
+`create_app()` builds the Flask app; `Settings`, `StructuredLogger`, `JupyterClient` and
+`KernelManager` are the synchronous Python API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from app.kernels import JupyterClient, KernelManager
+from app.logs import StructuredLogger
+from app.settings import Settings
+
+__all__ = ["JupyterClient", "KernelManager", "Settings", "StructuredLogger", "create_app"]
+
+try:
+    __version__ = version("jupyter-kernel-proxy")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
+    """Builds the app. `config` is a `Settings`, or overrides of settings fields (tests);
+    without it, settings come from the `JUPYTER_*` environment.
+    """
+    from app.api import bp
+    from app.errors import register_error_handlers
+    from app.guards import register_guards
+
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = Settings.from_environment(**dict(config or {}))
+    app = Flask(__name__)
+    app.config.update(SETTINGS=settings, VERSION=__version__,
+                      MAX_CONTENT_LENGTH=settings.max_request_bytes)
+    app.json.sort_keys = False
+    logger = StructuredLogger("app")
+    client = JupyterClient(settings, logger.child("upstream"))
+    app.extensions["kernel_manager"] = KernelManager(client, logger.child("kernels"))
+    _log_requests(app, logger.child("requests"))  # first, so that refusals are timed too
+    register_error_handlers(app)
+    register_guards(app)
+    app.register_blueprint(bp)
+    return app
+
+
+def _log_requests(app: Flask, logger: StructuredLogger) -> None:
+    """One JSON line per request: method, path, status, duration and kernel id."""
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def _log(response: Response) -> Response:
+        started = g.get("started")
+        logger.info("request", method=request.method, path=request.path,
+                    status=response.status_code, kernel_id=g.get("kernel_id"),
+                    duration_ms=round((time.monotonic() - started) * 1000, 2)
+                    if started else None)
+        return response

@@ -1,0 +1,101 @@
+"""Every non-2xx answer in one JSON shape: `{"error", "message", "details"?}`.
+
+Exceptions of the kernel layer, marshmallow's `ValidationError` and werkzeug's HTTP errors
+(404/405/413/415 ...) are mapped here, in one place. Bodies never carry upstream text, tokens
+or stack traces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from app.kernels import errors as kernel_errors
+from app.logs import StructuredLogger
+
+# Most specific first: the first matching class decides.
+KERNEL_ERROR_STATUS: list[tuple[type[kernel_errors.KernelError], int, str]] = [
+    (kernel_errors.InvalidRequest, 400, "invalid_request"),
+    (kernel_errors.KernelSpecNotFound, 400, "unknown_kernel_spec"),
+    (kernel_errors.KernelNotFound, 404, "kernel_not_found"),
+    (kernel_errors.UpstreamAuthError, 502, "upstream_auth_failed"),
+    (kernel_errors.ConnectionLost, 502, "upstream_connection_lost"),
+    (kernel_errors.UpstreamError, 502, "bad_upstream_response"),
+    (kernel_errors.UpstreamUnavailable, 503, "upstream_unavailable"),
+    (kernel_errors.UpstreamTimeout, 504, "upstream_timeout"),
+    (kernel_errors.KernelError, 502, "kernel_error"),
+]
+
+HTTP_ERROR_CODES = {
+    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+    413: "request_too_large", 415: "unsupported_media_type",
+}
+
+log = StructuredLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error raised by the web layer itself (auth, content type)."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def error_response(status: int, code: str, message: str,
+                   details: dict[str, Any] | None = None) -> tuple[Response, int]:
+    """The one error shape of the API."""
+    body: dict[str, Any] = {"error": code, "message": message}
+    if details:
+        body["details"] = details
+    return jsonify(body), status
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Routes every exception a request can raise to `error_response`."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(err: ApiError) -> tuple[Response, int]:
+        return error_response(err.status, err.code, err.message, err.details)
+
+    @app.errorhandler(kernel_errors.KernelError)
+    def _kernel_error(err: kernel_errors.KernelError) -> tuple[Response, int]:
+        status, code = next((s, c) for cls, s, c in KERNEL_ERROR_STATUS if isinstance(err, cls))
+        if status >= 500:
+            log.warning("upstream failure", error=code, reason=err.message)
+        return error_response(status, code, err.message, err.details)
+
+    @app.errorhandler(ValidationError)
+    def _validation_error(err: ValidationError) -> tuple[Response, int]:
+        fields = err.messages if isinstance(err.messages, dict) else {"_body": err.messages}
+        return error_response(400, "invalid_request",
+                              "the request body has missing or invalid fields; see details",
+                              {"fields": fields})
+
+    @app.errorhandler(HTTPException)
+    def _http_error(err: HTTPException) -> tuple[Response, int]:
+        status = err.code or 500
+        response, status = error_response(status, HTTP_ERROR_CODES.get(status, "http_error"),
+                                          _http_message(err))
+        if status == 405 and err.valid_methods:
+            response.headers["Allow"] = ", ".join(err.valid_methods)
+        return response, status
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception) -> tuple[Response, int]:
+        log.exception("unexpected error", error_type=type(err).__name__)
+        return error_response(500, "internal_error",
+                              "the proxy failed unexpectedly; the error has been logged")
+
+
+def _http_message(err: HTTPException) -> str:
+    if err.code == 404:
+        return "no such endpoint; see the README for the API"
+    if err.code == 405:
+        return f"method not allowed; use {', '.join(sorted(err.valid_methods or []))}"
+    if err.code == 413:
+        return "the request body is larger than JUPYTER_MAX_REQUEST_BYTES allows"
+    return err.description or "bad request"

@@ -1,0 +1,111 @@
+"""One websocket to one kernel (`/api/kernels/{id}/channels`), with a timeout on every call.
+
+A `KernelChannel` is not thread-safe and is never shared: one owner sends and receives on it,
+so two threads never `recv()` on one websocket. websocket-client keeps a partly read frame
+across a receive timeout, so a timed-out `recv` can simply be called again.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from typing import Any
+
+import websocket
+
+from app.kernels import protocol
+from app.kernels.errors import (
+    ConnectionLost,
+    KernelNotFound,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+
+class KernelChannel:
+    """A websocket to one kernel's channels, speaking JSON-encoded Jupyter messages."""
+
+    def __init__(self, ws: Any, kernel_id: str, session_id: str) -> None:
+        self.ws = ws
+        self.kernel_id = kernel_id
+        self.session_id = session_id
+
+    @classmethod
+    def open(cls, url: str, kernel_id: str, headers: list[str],
+             timeout: float) -> KernelChannel:
+        """Opens the websocket; `url` has no query string, `timeout` bounds the handshake.
+
+        The session id makes the server treat reconnections as the same client and buffer
+        messages for it meanwhile.
+        """
+        session_id = uuid.uuid4().hex
+        try:
+            ws = websocket.create_connection(
+                f"{url}?session_id={session_id}", header=headers, timeout=timeout,
+                enable_multithread=False, skip_utf8_validation=True,
+            )
+        except websocket.WebSocketBadStatusException as err:
+            # The error's text holds the server's page, which embeds its token: never show it.
+            if err.status_code == 404:
+                raise KernelNotFound(kernel_id) from None
+            if err.status_code in (401, 403):
+                raise UpstreamAuthError(
+                    "the Jupyter server refused the proxy's token; check JUPYTER_TOKEN"
+                ) from None
+            raise UpstreamError(
+                f"the Jupyter server refused the kernel websocket (HTTP {err.status_code})",
+                kernel_id=kernel_id,
+            ) from None
+        except (websocket.WebSocketTimeoutException, socket.timeout, TimeoutError):
+            raise UpstreamTimeout(
+                f"the kernel websocket did not open within {timeout:g} s", kernel_id=kernel_id
+            ) from None
+        except (websocket.WebSocketException, OSError):
+            raise UpstreamUnavailable(
+                "cannot open a websocket to the Jupyter server", kernel_id=kernel_id
+            ) from None
+        return cls(ws, kernel_id, session_id)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Sends one message; the connection breaking raises `ConnectionLost`."""
+        try:
+            self.ws.settimeout(10.0)
+            self.ws.send(protocol.encode(message))
+        except (websocket.WebSocketException, OSError) as err:
+            raise ConnectionLost("the websocket to the kernel broke while sending",
+                                 kernel_id=self.kernel_id) from err
+
+    def recv(self, timeout: float) -> tuple[dict[str, Any], int] | None:
+        """The next message and its size in bytes, or None if `timeout` passes first."""
+        try:
+            self.ws.settimeout(max(timeout, 0.001))
+            frame = self.ws.recv()
+        except (websocket.WebSocketTimeoutException, socket.timeout, TimeoutError):
+            return None
+        except (websocket.WebSocketException, OSError) as err:
+            raise ConnectionLost("the websocket to the kernel broke",
+                                 kernel_id=self.kernel_id) from err
+        if frame == "" or frame == b"":
+            raise ConnectionLost("the Jupyter server closed the websocket to the kernel",
+                                 kernel_id=self.kernel_id)
+        try:
+            return protocol.decode(frame), len(frame)
+        except (ValueError, json.JSONDecodeError):
+            raise UpstreamError("the Jupyter server sent a websocket frame that is not a "
+                                "Jupyter message", kernel_id=self.kernel_id) from None
+
+    def close(self) -> None:
+        """Closes the websocket; safe to call twice."""
+        try:
+            self.ws.close(timeout=1.0)
+        except Exception:  # noqa: BLE001 - closing is best effort, nothing to report
+            pass
+
+    def __enter__(self) -> KernelChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,159 @@
+"""`JupyterClient`: the Jupyter server's REST API (`/api/kernels`, `/api/kernelspecs`) and
+kernel websockets, blocking, with a timeout on every call.
+
+Thread safety: one client is shared by every thread of a worker. Its `requests.Session` pools
+connections (urllib3's pool is thread-safe) and it keeps no per-call state; the kernel spec
+cache is replaced whole under a lock. Websockets it opens belong to the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from app.kernels.channel import KernelChannel
+from app.kernels.errors import (
+    KernelNotFound,
+    KernelSpecNotFound,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from app.logs import StructuredLogger
+from app.settings import Settings
+
+KERNELSPEC_CACHE_SECONDS = 10.0
+
+
+class JupyterClient:
+    """A blocking client of one Jupyter server (jupyter_server, Kernel or Enterprise Gateway)."""
+
+    def __init__(self, settings: Settings, logger: StructuredLogger | None = None) -> None:
+        self.settings = settings
+        self.logger = logger or StructuredLogger(__name__)
+        self.base_url = settings.server_url
+        self.session = requests.Session()
+        # Connection errors happen before a request is sent, so retrying them is safe for every
+        # method; nothing is retried once the server may have acted on a request.
+        retry = Retry(total=None, connect=3, read=0, status=0, other=0, redirect=0,
+                      backoff_factor=0.25, raise_on_status=False)
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.trust_env = False  # never send our token through an environment proxy
+        if settings.token:
+            self.session.headers["Authorization"] = f"token {settings.token}"
+        self._specs_lock = threading.Lock()
+        self._specs: tuple[float, dict[str, Any]] | None = None
+
+    # -- REST ------------------------------------------------------------------------------
+
+    def kernelspecs(self) -> dict[str, Any]:
+        """`GET /api/kernelspecs`, cached for a few seconds: `{"default": ..., "kernelspecs"}`."""
+        with self._specs_lock:
+            cached = self._specs
+        if cached and time.monotonic() - cached[0] < KERNELSPEC_CACHE_SECONDS:
+            return cached[1]
+        specs = self._request("GET", "/api/kernelspecs")
+        if not isinstance(specs, dict) or not isinstance(specs.get("kernelspecs"), dict):
+            raise UpstreamError("the Jupyter server sent an unusable kernel spec list")
+        with self._specs_lock:
+            self._specs = (time.monotonic(), specs)
+        return specs
+
+    def start_kernel(self, name: str) -> dict[str, Any]:
+        """`POST /api/kernels`: the new kernel's model (it may still be starting).
+
+        The name is checked against the server's kernel specs first: jupyter_server answers an
+        unknown name with a bare 500.
+        """
+        names = sorted(self.kernelspecs()["kernelspecs"])
+        if name not in names:
+            raise KernelSpecNotFound(f"no kernel spec named {name!r} on the Jupyter server",
+                                     available=names)
+        model = self._request("POST", "/api/kernels", json={"name": name},
+                              timeout=self.settings.kernel_start_timeout)
+        if not isinstance(model, dict) or not isinstance(model.get("id"), str):
+            raise UpstreamError("the Jupyter server answered a kernel start without a kernel id")
+        return model
+
+    def get_kernel(self, kernel_id: str) -> dict[str, Any]:
+        """`GET /api/kernels/{id}`: the kernel's model."""
+        return self._request("GET", f"/api/kernels/{kernel_id}", kernel_id=kernel_id)
+
+    def list_kernels(self) -> list[dict[str, Any]]:
+        """`GET /api/kernels`: every kernel the server runs."""
+        return self._request("GET", "/api/kernels")
+
+    def shutdown_kernel(self, kernel_id: str) -> None:
+        """`DELETE /api/kernels/{id}`: stops the kernel and forgets it."""
+        self._request("DELETE", f"/api/kernels/{kernel_id}", kernel_id=kernel_id)
+
+    def interrupt_kernel(self, kernel_id: str) -> None:
+        """`POST /api/kernels/{id}/interrupt`: the kernel stops what it runs, keeps its state."""
+        self._request("POST", f"/api/kernels/{kernel_id}/interrupt", kernel_id=kernel_id)
+
+    def _request(self, method: str, path: str, *, json: Any = None, timeout: float | None = None,
+                 kernel_id: str | None = None) -> Any:
+        """One REST call; foreign errors become `KernelError`s without upstream text."""
+        timeouts = (self.settings.timeout_connect, timeout or self.settings.timeout_total)
+        what = f"{method} {path}"
+        try:
+            response = self.session.request(method, self.base_url + path, json=json,
+                                            timeout=timeouts, allow_redirects=False)
+        except requests.ConnectTimeout:
+            raise UpstreamUnavailable("cannot connect to the Jupyter server (connect timeout)",
+                                      request=what) from None
+        except requests.Timeout:
+            raise UpstreamTimeout(f"the Jupyter server did not answer {what} within "
+                                  f"{timeouts[1]:g} s", request=what) from None
+        except requests.RequestException:
+            raise UpstreamUnavailable("cannot reach the Jupyter server", request=what) from None
+        status = response.status_code
+        if status == 404 and kernel_id is not None:
+            raise KernelNotFound(kernel_id)
+        if status in (401, 403):
+            raise UpstreamAuthError("the Jupyter server refused the proxy's token; check "
+                                    "JUPYTER_TOKEN", request=what, upstream_status=status)
+        if status >= 400 or 300 <= status < 400:
+            self.logger.warning("upstream error", request=what, upstream_status=status)
+            raise UpstreamError(f"the Jupyter server answered {what} with HTTP {status}",
+                                request=what, upstream_status=status)
+        if status == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise UpstreamError(f"the Jupyter server answered {what} with something that is "
+                                "not JSON", request=what) from None
+
+    # -- websocket -------------------------------------------------------------------------
+
+    def open_channel(self, kernel_id: str, timeout: float | None = None) -> KernelChannel:
+        """Opens a websocket to the kernel's channels; the caller owns (and closes) it."""
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        url = urlunsplit((scheme, parts.netloc, f"{parts.path}/api/kernels/{kernel_id}/channels",
+                          "", ""))
+        headers = [f"Authorization: token {self.settings.token}"] if self.settings.token else []
+        return KernelChannel.open(url, kernel_id, headers,
+                                  timeout or self.settings.timeout_connect)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes pooled connections; safe to call twice."""
+        self.session.close()
+
+    def __enter__(self) -> JupyterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,172 @@
+"""`KernelManager`: start a kernel, run code on it, shut it down. The proxy's Python API.
+
+Kernel state lives in the Jupyter server, not here: any manager (any worker) can drive any
+kernel by id. Thread safety: a manager is shared by a worker's threads. Executions on one
+kernel are serialized by a per-kernel lock (the kernel runs one cell at a time, and a deadline
+must never interrupt another request's code); executions on different kernels run in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from app.kernels import protocol
+from app.kernels.client import JupyterClient
+from app.kernels.errors import InvalidRequest, KernelError, UpstreamTimeout
+from app.kernels.execution import End, Message, run_execution
+from app.kernels.result import ExecutionResult
+from app.logs import StructuredLogger
+
+
+def check_kernel_id(kernel_id: str) -> str:
+    """`kernel_id` if it is a canonical UUID; anything else never reaches an upstream URL."""
+    try:
+        if isinstance(kernel_id, str) and str(uuid.UUID(kernel_id)) == kernel_id:
+            return kernel_id
+    except ValueError:
+        pass
+    raise InvalidRequest("id must be a kernel id: a canonical UUID such as "
+                         "'0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10'", field="id")
+
+
+class KernelManager:
+    """Starts kernels, executes code on them and shuts them down, blocking, with deadlines."""
+
+    def __init__(self, client: JupyterClient, logger: StructuredLogger | None = None) -> None:
+        self.client = client
+        self.settings = client.settings
+        self.logger = logger or StructuredLogger(__name__)
+        self._locks = _KernelLocks()
+
+    def start_kernel(self, name: str | None = None) -> dict[str, Any]:
+        """Starts a kernel of spec `name` (default: settings) and returns once it can execute.
+
+        Returns `{"id", "name"}` plus the server's `execution_state` and `last_activity`. A
+        kernel that does not become ready in `kernel_start_timeout` is shut down again.
+        """
+        name = name or self.settings.kernel_name
+        started = time.monotonic()
+        model = self.client.start_kernel(name)
+        kernel_id = model["id"]
+        try:
+            self._wait_until_ready(kernel_id, started + self.settings.kernel_start_timeout)
+        except KernelError:
+            self._shutdown_quietly(kernel_id)
+            raise
+        self.logger.info("kernel started", kernel_id=kernel_id, kernel_name=name,
+                         duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return {"id": kernel_id, "name": model.get("name", name),
+                "execution_state": "idle", "last_activity": model.get("last_activity")}
+
+    def execute_code(self, kernel_id: str, code: str,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """Runs `code` on the kernel and returns the contract's answer (see `ExecutionResult`).
+
+        `timeout` (seconds, default `execution_timeout`, at most `max_execution_timeout`) covers
+        the whole call, waiting for the kernel included. An error in the code is an answer
+        with `status: "error"`, not an exception.
+        """
+        check_kernel_id(kernel_id)
+        timeout = self._check_timeout(timeout)
+        started = time.monotonic()
+        deadline = started + timeout
+        request = protocol.execute_request(code, session_id=uuid.uuid4().hex)
+        result = ExecutionResult(request["header"]["msg_id"], self.settings.max_output_bytes)
+        with self._locks.hold(kernel_id, timeout) as acquired:
+            if not acquired:
+                answer = result.answer("timeout", {
+                    "ename": "ExecutionTimeout",
+                    "evalue": f"the kernel stayed busy with earlier code for the whole "
+                              f"{timeout:g} s deadline; this code did not run",
+                    "traceback": []})
+            else:
+                answer = self._run(kernel_id, request, deadline, timeout, result)
+        self.logger.info("code executed", kernel_id=kernel_id, status=answer["status"],
+                         duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return answer
+
+    def shutdown_kernel(self, kernel_id: str) -> dict[str, str]:
+        """Shuts the kernel down; raises `KernelNotFound` if the server has no such kernel."""
+        check_kernel_id(kernel_id)
+        self.client.shutdown_kernel(kernel_id)
+        self.logger.info("kernel shut down", kernel_id=kernel_id)
+        return {"message": f"Kernel {kernel_id} shutdown"}
+
+    def _run(self, kernel_id: str, request: dict[str, Any], deadline: float, timeout: float,
+             result: ExecutionResult) -> dict[str, Any]:
+        connect_timeout = max(min(self.settings.timeout_connect, deadline - time.monotonic()),
+                              0.1)
+        with self.client.open_channel(kernel_id, timeout=connect_timeout) as channel:
+            end = End()
+            for event in run_execution(channel, request, deadline, timeout=timeout,
+                                       interrupt=lambda: self.client.interrupt_kernel(kernel_id)):
+                if isinstance(event, Message):
+                    result.add(event.message, event.size)
+                else:
+                    end = event
+        return result.answer(end.status, end.error)
+
+    def _wait_until_ready(self, kernel_id: str, deadline: float) -> None:
+        """Returns once the kernel answers a `kernel_info_request`."""
+        remaining = deadline - time.monotonic()
+        with self.client.open_channel(kernel_id, timeout=max(remaining, 0.1)) as channel:
+            request = protocol.kernel_info_request(channel.session_id)
+            msg_id = request["header"]["msg_id"]
+            channel.send(request)
+            while (remaining := deadline - time.monotonic()) > 0:
+                received = channel.recv(remaining)
+                if received and received[0].get("msg_type") == "kernel_info_reply" \
+                        and protocol.parent_id(received[0]) == msg_id:
+                    return
+        raise UpstreamTimeout(f"the kernel did not become ready within "
+                              f"{self.settings.kernel_start_timeout:g} s", kernel_id=kernel_id)
+
+    def _check_timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.settings.execution_timeout
+        limit = self.settings.max_execution_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 < timeout <= limit:
+            raise InvalidRequest(f"timeout must be a number of seconds greater than 0 and at "
+                                 f"most {limit:g} (JUPYTER_MAX_EXECUTION_TIMEOUT)",
+                                 field="timeout")
+        return float(timeout)
+
+    def _shutdown_quietly(self, kernel_id: str) -> None:
+        try:
+            self.client.shutdown_kernel(kernel_id)
+        except KernelError:
+            self.logger.warning("could not shut down a kernel that failed to start",
+                                kernel_id=kernel_id)
+
+
+class _KernelLocks:
+    """One lock per kernel id, created on first use and dropped when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, kernel_id: str, timeout: float) -> Iterator[bool]:
+        """Holds the kernel's lock (yields True), or yields False if `timeout` passes first."""
+        with self._guard:
+            lock, users = self._locks.get(kernel_id, (threading.Lock(), 0))
+            self._locks[kernel_id] = (lock, users + 1)
+        acquired = lock.acquire(timeout=timeout)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                lock.release()
+            with self._guard:
+                lock, users = self._locks[kernel_id]
+                if users > 1:
+                    self._locks[kernel_id] = (lock, users - 1)
+                else:
+                    del self._locks[kernel_id]

@@ -1,0 +1,106 @@
+"""The Jupyter messaging protocol, as pure functions: building requests, decoding frames.
+
+Messages travel over the server's kernel websocket in its default (JSON) encoding: one JSON
+object per text frame, with a `channel` key. Messages with binary buffers arrive as binary
+frames: a 4-byte big-endian count n, n 4-byte offsets, the JSON at the first offset, then the
+buffers (which the proxy does not keep).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+PROTOCOL_VERSION = "5.3"
+USERNAME = "jupyter-kernel-proxy"
+DEATH_STATES = frozenset({"restarting", "dead"})
+
+
+def new_message(msg_type: str, content: dict[str, Any], session_id: str,
+                channel: str = "shell") -> dict[str, Any]:
+    """A complete Jupyter message with a fresh `msg_id`, ready to send."""
+    return {
+        "header": {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "username": USERNAME,
+            "session": session_id,
+            "date": datetime.now(timezone.utc).isoformat(),
+            "version": PROTOCOL_VERSION,
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": channel,
+        "buffers": [],
+    }
+
+
+def execute_request(code: str, session_id: str) -> dict[str, Any]:
+    """An `execute_request` that never offers stdin, so `input()` fails instead of hanging."""
+    return new_message("execute_request", {
+        "code": code,
+        "silent": False,
+        "store_history": True,
+        "user_expressions": {},
+        "allow_stdin": False,
+        "stop_on_error": True,
+    }, session_id)
+
+
+def kernel_info_request(session_id: str) -> dict[str, Any]:
+    """A `kernel_info_request`: the kernel answers it once it is ready to execute."""
+    return new_message("kernel_info_request", {}, session_id)
+
+
+def encode(message: dict[str, Any]) -> str:
+    """The text frame for `message`."""
+    return json.dumps(message)
+
+
+def decode(frame: str | bytes) -> dict[str, Any]:
+    """The message in a text or binary frame; raises ValueError if it is not one."""
+    if isinstance(frame, bytes):
+        if len(frame) < 8:
+            raise ValueError("binary frame too short")
+        count = int.from_bytes(frame[:4], "big")
+        offsets = [int.from_bytes(frame[4 + 4 * i: 8 + 4 * i], "big") for i in range(count)]
+        if not offsets or offsets[0] > len(frame):
+            raise ValueError("binary frame with bad offsets")
+        end = offsets[1] if count > 1 else len(frame)
+        message = json.loads(frame[offsets[0]:end])
+    else:
+        message = json.loads(frame)
+    if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
+        raise ValueError("frame is not a Jupyter message")
+    message.setdefault("msg_type", message["header"].get("msg_type"))
+    message.setdefault("parent_header", {})
+    message.setdefault("content", {})
+    message.setdefault("metadata", {})
+    message.pop("buffers", None)
+    return message
+
+
+def parent_id(message: dict[str, Any]) -> str | None:
+    """The `msg_id` of the request this message answers, if any."""
+    parent = message.get("parent_header") or {}
+    return parent.get("msg_id") if isinstance(parent, dict) else None
+
+
+def is_idle(message: dict[str, Any]) -> bool:
+    """True for an iopub `status: idle`."""
+    return message.get("msg_type") == "status" and \
+        message.get("content", {}).get("execution_state") == "idle"
+
+
+def kernel_death_state(message: dict[str, Any]) -> str | None:
+    """`restarting` or `dead` when this is the server announcing that the kernel died.
+
+    The server sends these itself, with no parent, when its restarter finds the kernel gone.
+    """
+    if message.get("msg_type") != "status" or parent_id(message):
+        return None
+    state = message.get("content", {}).get("execution_state")
+    return state if state in DEATH_STATES else None

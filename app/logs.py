@@ -1,0 +1,141 @@
+"""Structured logging: one JSON object per line, timezone-aware timestamps, never a secret.
+
+`configure_logging()` is called once by an entry point (CLI, `wsgi.py`); library code logs
+through `logging.getLogger(__name__)` or a `StructuredLogger`, passing context as keywords.
+`GunicornLogger` puts gunicorn's own lines in the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from gunicorn.glogging import Logger as _GunicornBaseLogger
+
+from app.settings import LOG_LEVELS
+
+REDACTED = "[redacted]"
+_secrets: tuple[str, ...] = ()
+
+
+class JsonFormatter(logging.Formatter):
+    """Renders a record as one JSON line; context comes from `extra={"context": {...}}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, tz=timezone.utc)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        context = getattr(record, "context", None)
+        if isinstance(context, dict):
+            entry.update({k: v for k, v in context.items() if k not in entry})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced: the last line of defence for logs."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def register_secrets(secrets: Iterable[str]) -> None:
+    """Adds values (tokens, API keys) that must never be written to a log."""
+    global _secrets
+    # Longest first, so a secret that contains another is redacted whole.
+    _secrets = tuple(sorted({*_secrets, *(s for s in secrets if s)}, key=len, reverse=True))
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = (),
+                      stream: Any = None) -> None:
+    """Sends every log record to `stream` (stderr) as JSON lines, from `level` up."""
+    register_secrets(secrets)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LOG_LEVELS.get(level.upper(), level.upper()))
+    # Chatty libraries stay quiet unless we debug; their lines never carry our token.
+    for noisy in ("urllib3", "websocket", "werkzeug"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+class StructuredLogger:
+    """A logger that takes context as keywords: `log.info("kernel started", kernel_id=k)`.
+
+    If nothing has configured logging when it is created, it sends JSON lines to stderr itself,
+    so a script using the Python API gets structured logs without further set-up.
+    """
+
+    def __init__(self, name: str = "app", level: str | None = None) -> None:
+        self.logger = logging.getLogger(name)
+        if level:
+            self.logger.setLevel(LOG_LEVELS.get(level.upper(), level.upper()))
+        if not self.logger.hasHandlers():
+            handler = logging.StreamHandler()
+            handler.setFormatter(JsonFormatter())
+            self.logger.addHandler(handler)
+
+    def child(self, name: str) -> StructuredLogger:
+        """A logger for a sub-component, sharing this one's handlers."""
+        return StructuredLogger(f"{self.logger.name}.{name}")
+
+    def log(self, level: int, message: str, exc_info: Any = None, **context: Any) -> None:
+        """Logs `message` at `level` with `context` as extra JSON fields."""
+        self.logger.log(level, message, exc_info=exc_info, extra={"context": context})
+
+    def debug(self, message: str, **context: Any) -> None:
+        """Logs at DEBUG."""
+        self.log(logging.DEBUG, message, **context)
+
+    def info(self, message: str, **context: Any) -> None:
+        """Logs at INFO."""
+        self.log(logging.INFO, message, **context)
+
+    def warning(self, message: str, **context: Any) -> None:
+        """Logs at WARNING."""
+        self.log(logging.WARNING, message, **context)
+
+    def error(self, message: str, **context: Any) -> None:
+        """Logs at ERROR."""
+        self.log(logging.ERROR, message, **context)
+
+    def exception(self, message: str, **context: Any) -> None:
+        """Logs at ERROR with the current exception's traceback."""
+        self.log(logging.ERROR, message, exc_info=True, **context)
+
+
+class GunicornLogger(_GunicornBaseLogger):
+    """gunicorn's error and access logs as JSON lines, like the rest of the proxy's."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(JsonFormatter())
+
+    def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
+        if not (self.cfg.accesslog or self.cfg.logconfig or self.cfg.logconfig_dict
+                or self.cfg.syslog):
+            return
+        context = {
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "status": getattr(resp, "status_code", None) or str(resp.status).split(None, 1)[0],
+            "duration_ms": round(request_time.total_seconds() * 1000, 3),
+            "remote_addr": environ.get("REMOTE_ADDR"),
+            "user_agent": environ.get("HTTP_USER_AGENT"),
+        }
+        self.access_log.info("access", extra={"context": context})

@@ -1,0 +1,71 @@
+"""marshmallow schemas for request bodies, and `load_body()` which applies one to a request."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import g, request
+from marshmallow import Schema, ValidationError, fields, validate, validates
+
+from app.kernels.errors import InvalidRequest
+from app.kernels.manager import check_kernel_id
+
+
+class StrictFloat(fields.Float):
+    """A JSON number, never a string or a boolean that happens to convert."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValidationError("Not a valid number.")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class KernelIdSchema(Schema):
+    """`{"id": "<kernel uuid>"}`."""
+
+    id = fields.String(required=True)
+
+    @validates("id")
+    def _canonical_uuid(self, value: str, **_: Any) -> None:
+        try:
+            check_kernel_id(value)
+        except InvalidRequest as err:
+            raise ValidationError(err.message) from None
+
+
+class StartKernelSchema(Schema):
+    """`{"name": "<kernel spec>"}`, every field optional."""
+
+    name = fields.String(validate=validate.Length(min=1, max=255))
+
+
+class ExecuteCodeSchema(KernelIdSchema):
+    """`{"id", "code", "timeout"?}`."""
+
+    code = fields.String(required=True)
+    timeout = StrictFloat(allow_nan=False, validate=validate.Range(min=0, min_inclusive=False))
+
+
+class ShutdownKernelSchema(KernelIdSchema):
+    """`{"id"}`."""
+
+
+def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON body, validated by `schema`; `optional` allows an empty body.
+
+    Raises `InvalidRequest` or `ValidationError` (both 400). The `Content-Type` was checked
+    before the view ran (415).
+    """
+    raw = request.get_data(cache=True)
+    if not raw.strip() and optional:
+        return schema.load({})
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    data = schema.load(body)
+    g.kernel_id = data.get("id")
+    return data

@@ -1,0 +1,157 @@
+"""The proxy's settings: one object built from defaults < `.env` < `JUPYTER_*` env < overrides.
+
+Library code takes a `Settings` instance; only entry points (the CLI, `wsgi.py`) read `.env`
+files and the process environment, through `Settings.from_environment`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+ENV_PREFIX = "JUPYTER_"
+LOG_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARN": "WARNING", "WARNING": "WARNING",
+              "ERROR": "ERROR"}
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting has a value the proxy cannot work with; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the proxy can be configured with. Each field `x` is read from `JUPYTER_X`."""
+
+    server_url: str = "http://127.0.0.1:8080"
+    token: str = field(default="", repr=False)
+    timeout_connect: float = 10.0
+    timeout_total: float = 30.0
+    crash_sleep_duration: float = 30.0
+    log_level: str = "INFO"
+    execution_timeout: float = 300.0
+    max_execution_timeout: float = 3600.0
+    proxy_api_key: str | None = field(default=None, repr=False)
+    kernel_name: str = "python3"
+    kernel_start_timeout: float = 60.0
+    max_request_bytes: int = 10 * MIB
+    max_output_bytes: int = 10 * MIB
+
+    def __post_init__(self) -> None:
+        url = str(self.server_url).strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(
+                f"JUPYTER_SERVER_URL must be an http:// or https:// URL with a host, "
+                f"e.g. http://127.0.0.1:8888 (got {_describe_url(url)})"
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise SettingsError(
+                "JUPYTER_SERVER_URL must not carry credentials, a query or a fragment: "
+                "pass the token with JUPYTER_TOKEN"
+            )
+        object.__setattr__(self, "server_url", url)
+        level = LOG_LEVELS.get(str(self.log_level).upper())
+        if level is None:
+            raise SettingsError(
+                f"JUPYTER_LOG_LEVEL must be one of DEBUG, INFO, WARN, ERROR (got {self.log_level!r})"
+            )
+        object.__setattr__(self, "log_level", level)
+        for name in ("timeout_connect", "timeout_total", "execution_timeout",
+                     "max_execution_timeout", "kernel_start_timeout"):
+            _require(self, name, lambda v: v > 0, "a number greater than 0")
+        _require(self, "crash_sleep_duration", lambda v: v >= 0, "a number of seconds, 0 or more")
+        for name in ("max_request_bytes", "max_output_bytes"):
+            _require(self, name, lambda v: v > 0, "a whole number of bytes greater than 0")
+        if self.execution_timeout > self.max_execution_timeout:
+            raise SettingsError(
+                "JUPYTER_EXECUTION_TIMEOUT must not exceed JUPYTER_MAX_EXECUTION_TIMEOUT "
+                f"({self.execution_timeout:g} > {self.max_execution_timeout:g})"
+            )
+        if not str(self.kernel_name).strip():
+            raise SettingsError("JUPYTER_KERNEL_NAME must not be empty")
+        if self.proxy_api_key is not None and not self.api_keys:
+            raise SettingsError("JUPYTER_PROXY_API_KEY is set but holds no key")
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys: `JUPYTER_PROXY_API_KEY` may list several, comma-separated."""
+        if not self.proxy_api_key:
+            return ()
+        return tuple(key.strip() for key in self.proxy_api_key.split(",") if key.strip())
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in a log line or an error body."""
+        return tuple(s for s in (self.token, *self.api_keys) if s)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Settings from `JUPYTER_*` variables in `environ` (default: the process environment).
+
+        Unknown `JUPYTER_*` names are ignored: Jupyter itself reads some (`JUPYTER_CONFIG_DIR`).
+        `overrides` (field name -> value, None meaning "not given") win over the environment.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+def environment_with_dotenv(path: str | Path = ".env") -> dict[str, str]:
+    """The process environment on top of the `.env` file at `path` (if there is one)."""
+    merged = {k: v for k, v in dotenv_values(path).items() if v is not None} \
+        if Path(path).is_file() else {}
+    merged.update(os.environ)
+    return merged
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    name = ENV_PREFIX + f.name.upper()
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    try:
+        if kind == "float":
+            return float(raw)
+        if kind == "int":
+            return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a {'number' if kind == 'float' else 'whole number'}"
+                            f" (got {raw!r})") from None
+    if f.name == "proxy_api_key" and not raw.strip():
+        return None
+    return raw
+
+
+def _require(settings: Settings, name: str, check: Any, what: str) -> None:
+    value = getattr(settings, name)
+    number_type = int if isinstance(Settings.__dataclass_fields__[name].default, int) else float
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")) or not check(value):
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be {what} (got {value!r})")
+    object.__setattr__(settings, name, number_type(value))
+
+
+def _describe_url(url: str) -> str:
+    """The URL without anything that could be a credential, for an error message."""
+    parts = urlsplit(url)
+    return repr(f"{parts.scheme}://{parts.hostname or ''}") if parts.scheme else repr(url[:40])
