@@ -1,0 +1,135 @@
+"""The `jupyter-kernel-proxy` command: the app served by gunicorn (gthread), optionally in
+front of an embedded Jupyter server that lives and dies with the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import Application
+
+from app import __version__, create_app
+from app.embedded import EmbeddedJupyterServer, EmbeddedServerError
+from app.logs import StructuredLogger, configure_logging, register_secrets
+from app.settings import Settings, SettingsError, environment_with_dotenv
+
+DEFAULT_GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every flag left out falls back to the environment, then defaults."""
+    parser = argparse.ArgumentParser(
+        prog="jupyter-kernel-proxy",
+        description="Serve an HTTP API that starts Jupyter kernels, runs code on them and "
+                    "shuts them down.",
+    )
+    parser.add_argument("--server-url", help="Jupyter server URL (JUPYTER_SERVER_URL)")
+    parser.add_argument("--token", help="Jupyter server token (JUPYTER_TOKEN; prefer the "
+                        "environment: a command line is visible to other users)")
+    parser.add_argument("--embedded", action="store_true",
+                        help="start a private Jupyter server on loopback and use it")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                        "(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on "
+                        "(default: %(default)s)")
+    parser.add_argument("--workers", type=int, help="gunicorn worker processes "
+                        "(default: JUPYTER_PROXY_WORKERS or 2)")
+    parser.add_argument("--threads", type=int, help="threads per worker "
+                        "(default: JUPYTER_PROXY_THREADS or 8)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARN or ERROR (JUPYTER_LOG_LEVEL)")
+    parser.add_argument("--env-file", default=".env", help="dotenv file to read "
+                        "(default: %(default)s, if present)")
+    parser.add_argument("--gunicorn-config", default=str(DEFAULT_GUNICORN_CONFIG),
+                        help="gunicorn config file (default: the project's gunicorn.conf.py)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = parser.parse_args(argv)
+    if args.embedded and args.server_url:
+        parser.error("--embedded starts its own Jupyter server: leave out --server-url")
+    for name in ("port", "workers", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "port" else 1) or (
+                name == "port" and value > 65535):
+            parser.error(f"--{name} out of range: {value}")
+    return args
+
+
+class ProxyApplication(Application):
+    """gunicorn serving `create_app(settings)`, configured by a file and then by the flags."""
+
+    def __init__(self, settings: Settings, config_file: str | None,
+                 options: dict[str, Any]) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        self.options = options
+        super().__init__()
+
+    def init(self, parser: Any, opts: Any, args: Any) -> None:
+        return None
+
+    def load_config(self) -> None:
+        if self.config_file:
+            self.load_config_from_file(self.config_file)
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return create_app(self.settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the proxy until SIGINT or SIGTERM; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_environment(environment_with_dotenv(args.env_file),
+                                             server_url=args.server_url, token=args.token,
+                                             log_level=args.log_level)
+    except SettingsError as err:
+        print(f"jupyter-kernel-proxy: {err}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.secrets)
+    log = StructuredLogger("app.cli")
+    config_file = args.gunicorn_config if Path(args.gunicorn_config).is_file() else None
+    if config_file is None:
+        log.warning("gunicorn config file not found; using built-in defaults",
+                    path=args.gunicorn_config)
+    options: dict[str, Any] = {
+        "bind": [f"[{args.host}]:{args.port}" if ":" in args.host else
+                 f"{args.host}:{args.port}"],
+        "worker_class": "gthread",
+        "logger_class": "app.logs.GunicornLogger",
+        "control_socket_disable": True,
+        "loglevel": settings.log_level.lower(),
+        "proc_name": "jupyter-kernel-proxy",
+    }
+    options.update({k: getattr(args, k) for k in ("workers", "threads")
+                    if getattr(args, k) is not None})
+    master_pid = os.getpid()
+    embedded = None
+    try:
+        if args.embedded:
+            embedded = EmbeddedJupyterServer(startup_timeout=settings.kernel_start_timeout)
+            embedded.start()
+            register_secrets([embedded.token])
+            settings = settings.replace(server_url=embedded.url, token=embedded.token)
+        log.info("proxy starting", bind=options["bind"][0], upstream=settings.server_url,
+                 embedded=args.embedded)
+        ProxyApplication(settings, config_file, options).run()
+    except EmbeddedServerError as err:
+        log.error(str(err))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        # gunicorn's workers are forks of this process and leave through here too: only the
+        # process that started the embedded server may stop it.
+        if embedded is not None and os.getpid() == master_pid:
+            embedded.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
