@@ -1,0 +1,214 @@
+"""Fixtures: a real Jupyter server, the kernel layer and the app on top of it, the real
+`jupyter-kernel-proxy` process, and small fake upstreams for faults a real server won't show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from app import JupyterClient, KernelManager, Settings, create_app
+from app.embedded import EmbeddedJupyterServer, free_port
+from app.kernels import KernelNotFound
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def jupyter_server() -> Iterator[EmbeddedJupyterServer]:
+    """A real jupyter_server + ipykernel on a free loopback port with a random token."""
+    with EmbeddedJupyterServer(startup_timeout=120) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def settings(jupyter_server: EmbeddedJupyterServer) -> Settings:
+    """Settings pointing at the real server, with test-sized deadlines."""
+    return Settings(server_url=jupyter_server.url, token=jupyter_server.token,
+                    execution_timeout=60, timeout_connect=5, timeout_total=30)
+
+
+@pytest.fixture(scope="session")
+def manager(settings: Settings) -> Iterator[KernelManager]:
+    """The Python API's kernel manager, on the real server."""
+    with JupyterClient(settings) as client:
+        yield KernelManager(client)
+
+
+@pytest.fixture(scope="session")
+def shared_kernel(manager: KernelManager) -> Iterator[str]:
+    """One kernel for the tests that only run harmless code."""
+    kernel_id = manager.start_kernel()["id"]
+    yield kernel_id
+    _shutdown(manager, kernel_id)
+
+
+@pytest.fixture
+def kernel(manager: KernelManager) -> Iterator[str]:
+    """A fresh kernel of its own, for tests that change or break it."""
+    kernel_id = manager.start_kernel()["id"]
+    yield kernel_id
+    _shutdown(manager, kernel_id)
+
+
+def _shutdown(manager: KernelManager, kernel_id: str) -> None:
+    try:
+        manager.shutdown_kernel(kernel_id)
+    except KernelNotFound:
+        pass
+
+
+@pytest.fixture
+def app(settings: Settings):
+    """The Flask app on the real server."""
+    return create_app(settings)
+
+
+@pytest.fixture
+def http(app):
+    """A test client of the app."""
+    return app.test_client()
+
+
+def post(http, path: str, body) -> tuple[int, dict]:
+    """POSTs `body` as JSON with the test client; returns the status and the JSON answer."""
+    response = http.post(path, json=body)
+    return response.status_code, response.get_json()
+
+
+# -- the real command ---------------------------------------------------------------------
+
+class ProxyProcess:
+    """A running `jupyter-kernel-proxy` and everything it printed."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"proxy-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        command = shutil.which("jupyter-kernel-proxy") or \
+            str(Path(sys.executable).parent / "jupyter-kernel-proxy")
+        self.process = subprocess.Popen(
+            [command, "--port", str(self.port), *args], env=env, cwd=REPO,
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_until_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the proxy exited:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise AssertionError(f"the proxy did not serve within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict]:
+        """Every line it printed, parsed as JSON (a line that is not JSON fails the test)."""
+        return [json.loads(line) for line in self.output().splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.log.close()
+
+
+@pytest.fixture
+def start_proxy() -> Iterator:
+    """Starts `jupyter-kernel-proxy` with the given flags and environment; stops it after."""
+    started: list[ProxyProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ProxyProcess:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+        full_env.update(env or {})
+        proxy = ProxyProcess(list(args), full_env)
+        started.append(proxy)
+        proxy.wait_until_serving()
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+# -- fake upstreams -------------------------------------------------------------------------
+
+@pytest.fixture
+def silent_upstream() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: an upstream that hangs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+@pytest.fixture
+def html_upstream() -> Iterator[str]:
+    """An HTTP server that answers everything with 200 and an HTML page: not a Jupyter API."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = b"<html>not jupyter</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens: an upstream that is down."""
+    return f"http://127.0.0.1:{free_port()}"
