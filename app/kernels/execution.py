@@ -22,6 +22,7 @@ from app.kernels.channel import KernelChannel
 from app.kernels.errors import KernelError
 
 INTERRUPT_GRACE_SECONDS = 5.0
+RESTARTED_STATES = frozenset({"starting", "idle"})
 
 
 @dataclass(frozen=True)
@@ -44,28 +45,32 @@ Event = Message | End
 
 
 def run_execution(channel: KernelChannel, request: dict[str, Any], deadline: float, *,
-                  interrupt: Callable[[], None], timeout: float,
+                  interrupt: Callable[[], None], timeout: float, crash_wait: float,
                   grace: float = INTERRUPT_GRACE_SECONDS,
                   clock: Callable[[], float] = time.monotonic) -> Iterator[Event]:
     """Sends `request` on `channel` and yields its events until both the `execute_reply` and
     the `status: idle` have arrived (in either order), the deadline passes, or the kernel dies.
+
+    After a death the server restarts the kernel; the loop waits up to `crash_wait` seconds
+    for that, so that the answer can say whether the same kernel id works again.
     """
     msg_id = request["header"]["msg_id"]
     channel.send(request)
     progress = _Progress()
     death = yield from _collect(channel, msg_id, deadline, progress, clock)
+    if not death and not progress.complete:
+        interrupted = _try(interrupt)
+        death = yield from _collect(channel, msg_id, clock() + grace, progress, clock)
+        if not death:
+            yield End("timeout", _timeout_error(timeout, interrupted and progress.complete,
+                                                grace))
+            return
     if death:
-        yield End("crashed", _crash_error(death))
+        if death == "restarting":
+            death = _await_restart(channel, clock() + crash_wait, clock)
+        yield End("crashed", _crash_error(death, crash_wait))
         return
-    if progress.complete:
-        yield End()
-        return
-    interrupted = _try(interrupt)
-    death = yield from _collect(channel, msg_id, clock() + grace, progress, clock)
-    if death:
-        yield End("crashed", _crash_error(death))
-        return
-    yield End("timeout", _timeout_error(timeout, interrupted and progress.complete, grace))
+    yield End()
 
 
 class _Progress:
@@ -107,6 +112,22 @@ def _collect(channel: KernelChannel, msg_id: str, until: float, progress: _Progr
     return None
 
 
+def _await_restart(channel: KernelChannel, until: float, clock: Callable[[], float]) -> str:
+    """`restarted`, `dead`, or `restarting` if the server said neither before `until`."""
+    while (remaining := until - clock()) > 0:
+        received = channel.recv(remaining)
+        if received is None or protocol.parent_id(received[0]):
+            continue
+        content = received[0].get("content", {})
+        if received[0].get("msg_type") == "status":
+            state = content.get("execution_state")
+            if state in RESTARTED_STATES:
+                return "restarted"
+            if state == "dead":
+                return "dead"
+    return "restarting"
+
+
 def _try(action: Callable[[], None]) -> bool:
     try:
         action()
@@ -126,11 +147,12 @@ def _timeout_error(timeout: float, stopped: bool, grace: float) -> dict[str, Any
             "traceback": []}
 
 
-def _crash_error(state: str) -> dict[str, Any]:
-    if state == "dead":
-        after = "the Jupyter server could not restart it"
-    else:
-        after = "the Jupyter server is restarting it with empty state"
+def _crash_error(state: str, crash_wait: float) -> dict[str, Any]:
+    after = {
+        "restarted": "the Jupyter server restarted it: the same kernel id works again, with "
+                     "empty state",
+        "dead": "the Jupyter server could not restart it: the kernel is gone",
+    }.get(state, f"the Jupyter server was still restarting it after {crash_wait:g} s")
     return {"ename": "KernelDied",
-            "evalue": f"the kernel died while running this code; its state is lost and {after}",
+            "evalue": f"the kernel died while running this code and its state is lost; {after}",
             "traceback": []}

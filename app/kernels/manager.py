@@ -104,6 +104,7 @@ class KernelManager:
         with self.client.open_channel(kernel_id, timeout=connect_timeout) as channel:
             end = End()
             for event in run_execution(channel, request, deadline, timeout=timeout,
+                                       crash_wait=self.settings.crash_sleep_duration,
                                        interrupt=lambda: self.client.interrupt_kernel(kernel_id)):
                 if isinstance(event, Message):
                     result.add(event.message, event.size)
