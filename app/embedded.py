@@ -89,13 +89,13 @@ class EmbeddedJupyterServer:
                 env=env, cwd=self.root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # our Ctrl-C is ours to handle: stop() stops it in order
             )
-        self.logger.info("embedded jupyter server starting", pid=self.process.pid, url=self.url)
+        self.logger.info("embedded jupyter server starting", server_pid=self.process.pid, url=self.url)
         try:
             self._wait_until_serving()
         except BaseException:
             self.stop()
             raise
-        self.logger.info("embedded jupyter server ready", pid=self.process.pid, url=self.url)
+        self.logger.info("embedded jupyter server ready", server_pid=self.process.pid, url=self.url)
         return self
 
     def _wait_until_serving(self) -> None:
@@ -124,10 +124,10 @@ class EmbeddedJupyterServer:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.logger.warning("embedded jupyter server did not stop; killing it",
-                                    pid=process.pid)
+                                    server_pid=process.pid)
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-            self.logger.info("embedded jupyter server stopped", pid=process.pid)
+            self.logger.info("embedded jupyter server stopped", server_pid=process.pid)
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

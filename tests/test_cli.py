@@ -1,0 +1,168 @@
+"""The real `jupyter-kernel-proxy` command, served by gunicorn, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from app.embedded import free_port
+from tests.conftest import REPO, ProxyProcess
+
+pytestmark = pytest.mark.integration
+
+
+def execute(url: str, kernel_id: str, code: str, **extra) -> dict:
+    """POSTs an execution on a fresh connection (so that any worker may take it)."""
+    response = requests.post(f"{url}/execute_code", json={"id": kernel_id, "code": code, **extra},
+                             headers={"Connection": "close"}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
+    """The pids of `pids` still alive after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if process_alive(p)]
+
+
+def embedded_server_pid(proxy: ProxyProcess) -> int:
+    """The embedded Jupyter server's pid, as the proxy logged it."""
+    return next(line["server_pid"] for line in proxy.log_lines()
+                if line.get("message") == "embedded jupyter server ready")
+
+
+def test_state_is_shared_by_every_worker(start_proxy, jupyter_server):
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "2",
+                        env={"JUPYTER_TOKEN": jupyter_server.token})
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    assert execute(proxy.url, kernel_id, "x = 41")["status"] == "ok"
+    for _ in range(40):
+        answer = execute(proxy.url, kernel_id, "x + 1")
+        assert answer["outputs"][0]["data"]["text/plain"] == "42"
+        workers = {line["pid"] for line in proxy.log_lines()
+                   if line.get("message") == "code executed"}
+        if len(workers) == 2:
+            break
+    assert len(workers) == 2, "every execution was served by one worker"
+    response = requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+    assert response.json() == {"message": f"Kernel {kernel_id} shutdown"}
+
+
+def test_logs_are_json_lines_without_the_token(start_proxy, jupyter_server):
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
+                        env={"JUPYTER_TOKEN": jupyter_server.token})
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    execute(proxy.url, kernel_id, "print(1)")
+    # A websocket to an unknown kernel makes the server answer with a page holding its token.
+    requests.post(f"{proxy.url}/execute_code",
+                  json={"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "code": "1"}, timeout=30)
+    requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+    proxy.stop()
+    lines = proxy.log_lines()  # fails if any line is not JSON
+    assert jupyter_server.token not in proxy.output()
+    assert any(line["logger"].startswith("gunicorn") for line in lines)
+    requests_logged = [line for line in lines if line["message"] == "request"]
+    assert {"method", "path", "status", "duration_ms", "kernel_id"} <= set(requests_logged[-1])
+    assert {line["status"] for line in requests_logged} >= {200, 404}
+    for line in lines:
+        assert line["timestamp"].endswith("+00:00")  # timezone-aware
+
+
+def test_embedded_server_serves_and_leaves_nothing_behind(start_proxy):
+    proxy = start_proxy("--embedded", "--workers", "2")
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    answer = execute(proxy.url, kernel_id, "import os; os.getpid()")
+    kernel_pid = int(answer["outputs"][0]["data"]["text/plain"])
+    answer = execute(proxy.url, kernel_id, "import os; sorted(k for k in os.environ "
+                                           "if 'TOKEN' in k or 'API_KEY' in k)")
+    assert answer["outputs"][0]["data"]["text/plain"] == "[]"
+    server_pid = embedded_server_pid(proxy)
+    assert process_alive(server_pid) and process_alive(kernel_pid)
+
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert wait_gone([server_pid, kernel_pid]) == []
+    assert "embedded jupyter server stopped" in proxy.output()
+
+
+def test_sigint_stops_the_embedded_server_and_its_kernels(start_proxy):
+    proxy = start_proxy("--embedded", "--workers", "1")
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    kernel_pid = int(execute(proxy.url, kernel_id, "import os; os.getpid()")
+                     ["outputs"][0]["data"]["text/plain"])
+    server_pid = embedded_server_pid(proxy)
+    proxy.stop(signal.SIGINT)
+    assert wait_gone([server_pid, kernel_pid]) == []
+
+
+def test_settings_come_from_a_dotenv_file(tmp_path, jupyter_server):
+    (tmp_path / ".env").write_text(
+        f"JUPYTER_SERVER_URL={jupyter_server.url}\nJUPYTER_TOKEN={jupyter_server.token}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    proxy = ProxyProcess(["--env-file", str(tmp_path / ".env")], env)
+    try:
+        proxy.wait_until_serving()
+        response = requests.post(f"{proxy.url}/start_kernel", timeout=60)
+        assert response.status_code == 200
+        requests.post(f"{proxy.url}/shutdown_kernel", json=response.json(), timeout=30)
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("args, env, complaint", [
+    ([], {"JUPYTER_TIMEOUT_TOTAL": "soon"}, "JUPYTER_TIMEOUT_TOTAL"),
+    ([], {"JUPYTER_EXECUTION_TIMEOUT": "-1"}, "JUPYTER_EXECUTION_TIMEOUT"),
+    (["--server-url", "ftp://example"], {}, "JUPYTER_SERVER_URL"),
+    (["--log-level", "LOUD"], {}, "JUPYTER_LOG_LEVEL"),
+    (["--embedded", "--server-url", "http://127.0.0.1:1"], {}, "--embedded"),
+    (["--port", "70000"], {}, "--port"),
+])
+def test_bad_settings_stop_the_command_with_a_clear_message(args, env, complaint):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    full_env.update(env)
+    done = subprocess.run([sys.executable, "-m", "app.cli", *args], env=full_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert complaint in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_flask_run_serves_the_app_for_development(jupyter_server):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env.update(JUPYTER_SERVER_URL=jupyter_server.url, JUPYTER_TOKEN=jupyter_server.token)
+    flask = subprocess.Popen([sys.executable, "-m", "flask", "--app", "wsgi", "run",
+                              "--port", str(port)], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        kernel_id = requests.post(f"{url}/start_kernel", timeout=60).json()["id"]
+        assert execute(url, kernel_id, "2 ** 10")["outputs"][0]["data"]["text/plain"] == "1024"
+        requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+    finally:
+        flask.terminate()
+        output = flask.communicate(timeout=30)[1].decode()
+    assert jupyter_server.token not in output

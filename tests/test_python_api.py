@@ -1,0 +1,48 @@
+"""The synchronous Python API, used as the README shows it."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import JupyterClient, KernelManager, Settings, StructuredLogger
+from app.kernels import InvalidRequest, KernelNotFound
+
+
+def test_readme_example(jupyter_server):
+    settings = Settings(server_url=jupyter_server.url, token=jupyter_server.token)
+    logger = StructuredLogger()
+    with JupyterClient(settings, logger) as client:
+        manager = KernelManager(client, logger)
+        kernel = manager.start_kernel()
+        result = manager.execute_code(kernel["id"], "print('Hello from Jupyter!')")
+        assert result["status"] == "ok"
+        assert result["stdout"] == "Hello from Jupyter!\n"
+        assert manager.shutdown_kernel(kernel["id"]) == {
+            "message": f"Kernel {kernel['id']} shutdown"}
+        with pytest.raises(KernelNotFound):
+            manager.execute_code(kernel["id"], "1")
+
+
+@pytest.mark.parametrize("kernel_id", ["", "x", "../api", "6F1C2A3B-4D5E-4F60-8A7B-9C0D1E2F3A4B"])
+def test_malformed_kernel_ids_are_refused_before_any_request(manager, kernel_id):
+    with pytest.raises(InvalidRequest):
+        manager.execute_code(kernel_id, "1")
+    with pytest.raises(InvalidRequest):
+        manager.shutdown_kernel(kernel_id)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 10**9, True, "3"])
+def test_out_of_range_timeouts_are_refused(manager, shared_kernel, timeout):
+    with pytest.raises(InvalidRequest):
+        manager.execute_code(shared_kernel, "1", timeout=timeout)
+
+
+def test_concurrent_executions_on_one_kernel_each_get_their_own_output(manager, kernel):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(i: int) -> str:
+        return manager.execute_code(kernel, f"print({i})")["stdout"]
+
+    with ThreadPoolExecutor(8) as pool:
+        outputs = list(pool.map(run, range(24)))
+    assert outputs == [f"{i}\n" for i in range(24)]
