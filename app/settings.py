@@ -47,10 +47,14 @@ class Settings:
     def __post_init__(self) -> None:
         url = str(self.server_url).strip().rstrip("/")
         parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise SettingsError("JUPYTER_SERVER_URL has a port that is not a number") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError(
-                f"JUPYTER_SERVER_URL must be an http:// or https:// URL with a host, "
-                f"e.g. http://127.0.0.1:8888 (got {_describe_url(url)})"
+                "JUPYTER_SERVER_URL must be an http:// or https:// URL with a host, "
+                "e.g. http://127.0.0.1:8888"
             )
         if parts.username or parts.password or parts.query or parts.fragment:
             raise SettingsError(
@@ -144,14 +148,11 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
 
 def _require(settings: Settings, name: str, check: Any, what: str) -> None:
     value = getattr(settings, name)
-    number_type = int if isinstance(Settings.__dataclass_fields__[name].default, int) else float
+    whole = isinstance(Settings.__dataclass_fields__[name].default, int)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or value in (float("inf"), float("-inf")) or not check(value):
+            or value in (float("inf"), float("-inf")) or not check(value) \
+            or (whole and value != int(value)):
         raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be {what} (got {value!r})")
-    object.__setattr__(settings, name, number_type(value))
+    object.__setattr__(settings, name, int(value) if whole else float(value))
 
 
-def _describe_url(url: str) -> str:
-    """The URL without anything that could be a credential, for an error message."""
-    parts = urlsplit(url)
-    return repr(f"{parts.scheme}://{parts.hostname or ''}") if parts.scheme else repr(url[:40])

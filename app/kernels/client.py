@@ -43,7 +43,7 @@ class JupyterClient:
         # Connection errors happen before a request is sent, so retrying them is safe for every
         # method; nothing is retried once the server may have acted on a request (`False`
         # re-raises read errors as they are, so that a read timeout stays a timeout).
-        retry = Retry(total=None, connect=3, read=False, status=0, other=False, redirect=0,
+        retry = Retry(total=None, connect=2, read=False, status=0, other=False, redirect=0,
                       backoff_factor=0.25, raise_on_status=False)
         adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
         self.session.mount("http://", adapter)

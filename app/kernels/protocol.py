@@ -66,6 +66,8 @@ def decode(frame: str | bytes) -> dict[str, Any]:
         if len(frame) < 8:
             raise ValueError("binary frame too short")
         count = int.from_bytes(frame[:4], "big")
+        if not 0 < count <= (len(frame) - 4) // 4:
+            raise ValueError("binary frame with a bad buffer count")
         offsets = [int.from_bytes(frame[4 + 4 * i: 8 + 4 * i], "big") for i in range(count)]
         if not offsets or offsets[0] > len(frame):
             raise ValueError("binary frame with bad offsets")
@@ -76,9 +78,9 @@ def decode(frame: str | bytes) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
         raise ValueError("frame is not a Jupyter message")
     message.setdefault("msg_type", message["header"].get("msg_type"))
-    message.setdefault("parent_header", {})
-    message.setdefault("content", {})
-    message.setdefault("metadata", {})
+    for key in ("parent_header", "content", "metadata"):
+        if not isinstance(message.get(key), dict):
+            message[key] = {}
     message.pop("buffers", None)
     return message
 

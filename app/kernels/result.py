@@ -45,7 +45,8 @@ class ExecutionResult:
         elif msg_type == "status" and content.get("execution_state") == "idle":
             self.idle = True
         if msg_type not in _CONTROL_TYPES:
-            if self.kept_bytes + size > self.max_output_bytes:
+            # Once anything was dropped, drop everything after it: no holes in the output.
+            if self.truncated or self.kept_bytes + size > self.max_output_bytes:
                 self.truncated = True
                 return
             self.kept_bytes += size

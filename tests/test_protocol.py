@@ -1,0 +1,161 @@
+"""Unit tests of `app.kernels.protocol`: building requests and decoding websocket frames.
+
+Binary frames are built by hand in the layout the Jupyter server uses: a 4-byte big-endian
+count n, n 4-byte offsets, the JSON message at the first offset, then the buffers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.kernels import protocol
+
+SESSION = "session-1234"
+
+
+def message(msg_type: str = "stream", parent: str | None = "parent-1",
+            content: dict | None = None, **extra) -> dict:
+    """A Jupyter message as the server sends it over the websocket."""
+    return {
+        "header": {"msg_id": "m-1", "msg_type": msg_type, "session": "kernel-session"},
+        "parent_header": {"msg_id": parent} if parent else {},
+        "metadata": {},
+        "content": content if content is not None else {},
+        "channel": "iopub",
+        **extra,
+    }
+
+
+def binary_frame(msg: dict, *buffers: bytes) -> bytes:
+    """`msg` and its buffers in the server's binary websocket framing."""
+    parts = [json.dumps(msg).encode(), *buffers]
+    count = len(parts)
+    offsets = [4 * (count + 1)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part))
+    header = count.to_bytes(4, "big") + b"".join(o.to_bytes(4, "big") for o in offsets)
+    return header + b"".join(parts)
+
+
+# -- requests --------------------------------------------------------------------------------
+
+def test_execute_request_never_offers_stdin_and_stops_on_error():
+    request = protocol.execute_request("print(1)", SESSION)
+    assert request["content"]["code"] == "print(1)"
+    assert request["content"]["allow_stdin"] is False
+    assert request["content"]["stop_on_error"] is True
+    assert request["content"]["silent"] is False
+
+
+def test_execute_request_header_and_channel():
+    request = protocol.execute_request("1", SESSION)
+    assert request["header"]["msg_type"] == "execute_request"
+    assert request["header"]["session"] == SESSION
+    assert request["header"]["version"].startswith("5.")
+    assert request["channel"] == "shell"
+    assert request["parent_header"] == {}
+
+
+def test_every_request_has_a_fresh_msg_id():
+    ids = {protocol.execute_request("1", SESSION)["header"]["msg_id"] for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_encode_then_decode_round_trips_a_request():
+    request = protocol.execute_request("x = 'é'", SESSION)
+    decoded = protocol.decode(protocol.encode(request))
+    assert decoded["header"] == request["header"]
+    assert decoded["content"] == request["content"]
+    assert decoded["msg_type"] == "execute_request"
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+def test_decode_text_frame_fills_msg_type_and_drops_buffers():
+    decoded = protocol.decode(json.dumps(message("stream", buffers=["AAAA"])))
+    assert decoded["msg_type"] == "stream"
+    assert decoded["parent_header"] == {"msg_id": "parent-1"}
+    assert "buffers" not in decoded
+
+
+def test_decode_text_frame_adds_missing_parts():
+    decoded = protocol.decode(json.dumps({"header": {"msg_type": "status"}}))
+    assert decoded["msg_type"] == "status"
+    assert decoded["parent_header"] == {}
+    assert decoded["content"] == {}
+    assert decoded["metadata"] == {}
+
+
+def test_decode_binary_frame_reads_the_json_and_drops_the_buffers():
+    sent = message("display_data", content={"data": {"text/plain": "img"}})
+    decoded = protocol.decode(binary_frame(sent, b"\x00\x01binary-buffer", b"second"))
+    assert decoded["msg_type"] == "display_data"
+    assert decoded["content"] == {"data": {"text/plain": "img"}}
+    assert "buffers" not in decoded
+    assert b"binary-buffer".decode() not in json.dumps(decoded)
+
+
+def test_decode_binary_frame_without_buffers():
+    decoded = protocol.decode(binary_frame(message("comm_msg")))
+    assert decoded["msg_type"] == "comm_msg"
+
+
+@pytest.mark.parametrize("frame", [
+    "not json",
+    "[1, 2, 3]",
+    '"a string"',
+    '{"content": {}}',
+    '{"header": "not a dict"}',
+    b"\x00\x00",
+    b"\x00\x00\x00\x00\x00\x00\x00\x00",            # zero offsets
+    b"\x00\x00\x00\x01\x00\x00\xff\xff{}",           # offset beyond the frame
+    b"\x00\x00\x00\x01\x00\x00\x00\x08not json",
+], ids=["text", "list", "string", "no-header", "bad-header", "short-binary", "no-offsets",
+        "bad-offset", "binary-not-json"])
+def test_decode_rejects_what_is_not_a_message(frame):
+    with pytest.raises(ValueError):
+        protocol.decode(frame)
+
+
+# -- reading messages ------------------------------------------------------------------------
+
+def test_parent_id():
+    assert protocol.parent_id(message(parent="abc")) == "abc"
+    assert protocol.parent_id(message(parent=None)) is None
+    assert protocol.parent_id({"parent_header": None}) is None
+    assert protocol.parent_id({}) is None
+
+
+def test_is_idle_only_for_idle_status():
+    idle = protocol.decode(json.dumps(message("status", content={"execution_state": "idle"})))
+    busy = protocol.decode(json.dumps(message("status", content={"execution_state": "busy"})))
+    stream = protocol.decode(json.dumps(message("stream", content={"execution_state": "idle"})))
+    assert protocol.is_idle(idle)
+    assert not protocol.is_idle(busy)
+    assert not protocol.is_idle(stream)
+
+
+@pytest.mark.parametrize("state", ["restarting", "dead"])
+def test_parentless_restarting_or_dead_status_is_a_kernel_death(state):
+    announced = message("status", parent=None, content={"execution_state": state})
+    assert protocol.kernel_death_state(protocol.decode(json.dumps(announced))) == state
+
+
+@pytest.mark.parametrize("msg", [
+    message("status", parent="some-request", content={"execution_state": "dead"}),
+    message("status", parent=None, content={"execution_state": "starting"}),
+    message("status", parent=None, content={"execution_state": "idle"}),
+    message("stream", parent=None, content={"execution_state": "restarting"}),
+], ids=["with-parent", "starting", "idle", "not-status"])
+def test_other_messages_are_not_a_kernel_death(msg):
+    assert protocol.kernel_death_state(protocol.decode(json.dumps(msg))) is None
+
+
+def test_decoded_message_with_null_content_can_be_read():
+    # A null content must read as empty, not break the loop with a 500.
+    null_content = {**message("status", parent=None), "content": None}
+    decoded = protocol.decode(json.dumps(null_content))
+    assert protocol.is_idle(decoded) is False
+    assert protocol.kernel_death_state(decoded) is None

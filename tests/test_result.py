@@ -1,0 +1,186 @@
+"""Unit tests of `app.kernels.result.ExecutionResult`: folding one execution's messages into
+the contract's `execute_code` answer. Pure: messages are plain dicts, sizes are given.
+"""
+
+from __future__ import annotations
+
+import json
+
+from app.kernels.result import ExecutionResult
+
+MSG_ID = "request-1"
+NO_CAP = 10 * 1024 * 1024
+
+
+def msg(msg_type: str, content: dict, channel: str = "iopub") -> dict:
+    """A decoded message answering request MSG_ID."""
+    return {"header": {"msg_id": f"{msg_type}-{id(content)}", "msg_type": msg_type},
+            "parent_header": {"msg_id": MSG_ID}, "metadata": {}, "content": content,
+            "msg_type": msg_type, "channel": channel}
+
+
+def stream(text: str, name: str = "stdout") -> dict:
+    return msg("stream", {"name": name, "text": text})
+
+
+def status(state: str) -> dict:
+    return msg("status", {"execution_state": state})
+
+
+def reply(state: str = "ok", count: int | None = 1, **content) -> dict:
+    return msg("execute_reply", {"status": state, "execution_count": count, **content},
+               channel="shell")
+
+
+def error(ename: str = "ZeroDivisionError", evalue: str = "division by zero") -> dict:
+    return msg("error", {"ename": ename, "evalue": evalue,
+                         "traceback": ["Traceback ...", f"{ename}: {evalue}"]})
+
+
+def fold(*messages: dict, cap: int = NO_CAP) -> ExecutionResult:
+    """An ExecutionResult fed `messages` in order, each sized as its JSON encoding."""
+    result = ExecutionResult(MSG_ID, cap)
+    for message in messages:
+        result.add(message, len(json.dumps(message)))
+    return result
+
+
+def test_stdout_and_stderr_are_concatenated_in_order():
+    answer = fold(status("busy"), stream("a\n"), stream("oops\n", "stderr"), stream("b\n"),
+                  stream("again\n", "stderr"), reply(), status("idle")).answer()
+    assert answer["stdout"] == "a\nb\n"
+    assert answer["stderr"] == "oops\nagain\n"
+    assert answer["status"] == "ok"
+    assert answer["error"] is None
+    assert answer["truncated"] is False
+
+
+def test_execute_result_and_display_data_become_outputs():
+    shown = msg("display_data", {"data": {"image/png": "iVBOR"}, "metadata": {"width": 3}})
+    result = msg("execute_result", {"data": {"text/plain": "42"}, "metadata": {},
+                                    "execution_count": 7})
+    answer = fold(shown, result, reply(count=7), status("idle")).answer()
+    assert answer["outputs"] == [
+        {"type": "display_data", "data": {"image/png": "iVBOR"}, "metadata": {"width": 3}},
+        {"type": "execute_result", "data": {"text/plain": "42"}, "metadata": {}},
+    ]
+    assert answer["execution_count"] == 7
+
+
+def test_error_comes_from_the_iopub_error_message():
+    answer = fold(error("NameError", "name 'x' is not defined"),
+                  reply("error", ename="NameError", evalue="from reply", traceback=[]),
+                  status("idle")).answer()
+    assert answer["status"] == "error"
+    assert answer["error"]["ename"] == "NameError"
+    assert answer["error"]["evalue"] == "name 'x' is not defined"
+    assert answer["error"]["traceback"][-1] == "NameError: name 'x' is not defined"
+
+
+def test_error_comes_from_execute_reply_when_no_iopub_error_arrived():
+    answer = fold(reply("error", ename="KeyboardInterrupt", evalue="",
+                        traceback=["line 1", 2]), status("idle")).answer()
+    assert answer["status"] == "error"
+    assert answer["error"] == {"ename": "KeyboardInterrupt", "evalue": "",
+                               "traceback": ["line 1", "2"]}
+
+
+def test_aborted_reply_has_no_error():
+    answer = fold(reply("aborted", count=None), status("idle")).answer()
+    assert answer["status"] == "aborted"
+    assert answer["error"] is None
+    assert answer["execution_count"] is None
+
+
+def test_complete_needs_reply_then_idle():
+    result = fold(status("busy"), reply())
+    assert not result.complete
+    result.add(status("idle"), 10)
+    assert result.complete
+
+
+def test_complete_needs_idle_then_reply():
+    result = fold(status("busy"), status("idle"))
+    assert not result.complete
+    result.add(reply(), 10)
+    assert result.complete
+
+
+def test_busy_status_alone_does_not_complete():
+    assert not fold(reply(), status("busy")).complete
+
+
+def test_results_keep_every_raw_message_in_arrival_order():
+    messages = [status("busy"), msg("execute_input", {"code": "1"}), stream("x"),
+                status("idle"), reply()]
+    answer = fold(*messages).answer()
+    assert answer["results"] == messages
+    assert any(m["msg_type"] == "execute_reply" for m in answer["results"])
+
+
+def test_output_past_the_cap_is_dropped_and_flagged():
+    first, second = stream("A" * 100), stream("B" * 100)
+    cap = len(json.dumps(first)) + 10
+    answer = fold(status("busy"), first, second, reply(count=3), status("idle"),
+                  cap=cap).answer()
+    assert answer["stdout"] == "A" * 100
+    assert answer["truncated"] is True
+    assert second not in answer["results"]
+
+
+def test_reply_and_status_are_kept_past_the_cap():
+    big = stream("X" * 1000)
+    answer = fold(status("busy"), big, error(), reply("error", count=5, ename="E", evalue="v",
+                                                      traceback=[]),
+                  status("idle"), cap=50).answer()
+    kinds = [m["msg_type"] for m in answer["results"]]
+    assert kinds == ["status", "execute_reply", "status"]
+    assert answer["status"] == "error"
+    assert answer["execution_count"] == 5
+    assert answer["error"]["ename"] == "E"  # the dropped iopub error is replaced by the reply's
+    assert answer["stdout"] == ""
+    assert answer["truncated"] is True
+
+
+def test_complete_past_the_cap():
+    result = fold(stream("X" * 1000), reply(), status("idle"), cap=10)
+    assert result.complete
+    assert result.truncated
+
+
+def test_no_output_is_kept_after_the_cap_was_hit():
+    # After a big message is dropped, a later small one must not be kept: stdout would lose
+    # its middle ("A" + "C" without "B") instead of stopping where the cap was reached.
+    a, b, c = stream("A" * 50), stream("B" * 500), stream("C")
+    cap = len(json.dumps(a)) + len(json.dumps(c)) + 5
+    answer = fold(a, b, c, reply(), status("idle"), cap=cap).answer()
+    assert answer["truncated"] is True
+    assert answer["stdout"] == "A" * 50
+
+
+def test_answer_overrides_status_and_error():
+    override = {"ename": "ExecutionTimeout", "evalue": "too slow", "traceback": []}
+    answer = fold(stream("partial"), error()).answer("timeout", override)
+    assert answer["status"] == "timeout"
+    assert answer["error"] == override
+    assert answer["stdout"] == "partial"
+    assert answer["execution_count"] is None
+
+
+def test_answer_status_override_keeps_the_kernel_error():
+    answer = fold(error("ValueError", "bad"), reply("error", count=2)).answer("timeout")
+    assert answer["status"] == "timeout"
+    assert answer["error"]["ename"] == "ValueError"
+
+
+def test_answer_without_any_reply_is_an_error():
+    answer = fold(stream("x")).answer()
+    assert answer["status"] == "error"
+    assert answer["execution_count"] is None
+
+
+def test_answer_has_every_contract_field():
+    answer = fold(reply(), status("idle")).answer()
+    assert set(answer) == {"results", "status", "execution_count", "stdout", "stderr",
+                           "outputs", "error", "truncated"}
+    json.dumps(answer)  # serialisable as the HTTP body
