@@ -20,7 +20,7 @@ from app.settings import Settings, SettingsError, environment_with_dotenv
 DEFAULT_GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag left out falls back to the environment, then defaults."""
     parser = argparse.ArgumentParser(
         prog="jupyter-kernel-proxy",
@@ -46,14 +46,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gunicorn-config", default=str(DEFAULT_GUNICORN_CONFIG),
                         help="gunicorn config file (default: the project's gunicorn.conf.py)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, checked for flags that contradict each other."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.embedded and args.server_url:
         parser.error("--embedded starts its own Jupyter server: leave out --server-url")
-    for name in ("port", "workers", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "port" else 1) or (
-                name == "port" and value > 65535):
-            parser.error(f"--{name} out of range: {value}")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be between 1 and 65535 (got {args.port})")
+    for name in ("workers", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     return args
 
 
