@@ -5,6 +5,7 @@ front of an embedded Jupyter server that lives and dies with the proxy.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from gunicorn.app.base import Application
 
 from app import __version__, create_app
 from app.embedded import EmbeddedJupyterServer, EmbeddedServerError
+from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
 from app.settings import Settings, SettingsError, environment_with_dotenv
 
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "control_socket_disable": True,
         "loglevel": settings.log_level.lower(),
         "proc_name": "jupyter-kernel-proxy",
+        # On SIGTERM, in-flight executions may run to their deadline and be interrupted.
+        "graceful_timeout": math.ceil(settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10,
     }
     options.update({k: getattr(args, k) for k in ("workers", "threads")
                     if getattr(args, k) is not None})

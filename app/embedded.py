@@ -36,7 +36,7 @@ c.ServerApp.allow_root = True  # containers often run as root; the server is loo
 c.ServerApp.terminals_enabled = False  # the proxy needs kernels, not shells
 c.IdentityProvider.token = {token!r}
 # Ordinary output must reach the proxy whole; the proxy caps output itself.
-c.ZMQChannelsWebsocketConnection.limit_rate = False
+c.ZMQChannelsWebsocketConnection.limit_rate = {limit_rate}
 """
 
 
@@ -48,11 +48,15 @@ class EmbeddedJupyterServer:
     """A `jupyter_server` child process on 127.0.0.1; use as a context manager or start/stop."""
 
     def __init__(self, startup_timeout: float = 60.0, root_dir: str | None = None,
-                 logger: StructuredLogger | None = None) -> None:
+                 logger: StructuredLogger | None = None, *, port: int = 0,
+                 token: str | None = None, limit_rate: bool = False) -> None:
+        """`port` 0 picks a free one; `limit_rate` keeps jupyter_server's iopub rate limit."""
         self.startup_timeout = startup_timeout
         self.root_dir = root_dir
         self.logger = logger or StructuredLogger(__name__)
-        self.token = secrets.token_urlsafe(32)
+        self.token = token or secrets.token_urlsafe(32)
+        self.requested_port = port
+        self.limit_rate = limit_rate
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
@@ -78,9 +82,10 @@ class EmbeddedJupyterServer:
                 "pip install 'jupyter-kernel-proxy[embedded]'"
             ) from None
         self._workdir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-")
-        self.port = free_port()
+        self.port = self.requested_port or free_port()
         config = Path(self._workdir) / "jupyter_server_config.py"
-        config.write_text(CONFIG_TEMPLATE.format(port=self.port, token=self.token))
+        config.write_text(CONFIG_TEMPLATE.format(port=self.port, token=self.token,
+                                                 limit_rate=self.limit_rate))
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
         env["JUPYTER_RUNTIME_DIR"] = self._workdir  # connection files go away with us
         with open(self.log_path, "wb") as log:

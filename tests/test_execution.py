@@ -1,25 +1,43 @@
-"""Unit tests of `app.kernels.execution.run_execution`, driven by a scripted fake channel.
+"""Unit tests of `app.kernels.execution.run_execution`, driven by a fake kernel and fake clock.
 
-The fake channel plays a script of messages and silences against a fake clock: a receive that
-finds nothing advances the clock by its whole timeout, so deadlines and grace periods pass
-instantly and deterministically.
+`FakeKernel` is the loop's `KernelControl`: each `connect()` hands out the next
+`ScriptedChannel` of a list (so reconnections can be scripted), and `interrupt()`/`restart()`
+are recorded, may raise, and may make the kernel send more messages. A channel plays its script
+of messages, `Silence`s and exceptions against a `FakeClock`: a receive that finds nothing
+advances the clock by its whole timeout, so deadlines, grace and settle periods pass instantly
+and deterministically. The loop builds the `execute_request` itself, so scripted messages name
+their parent with the placeholders `OWN` (the execute_request sent) and `INFO` (the last
+kernel_info_request sent), which the channel resolves when it delivers them.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from app.kernels import protocol
-from app.kernels.errors import ConnectionLost, UpstreamError
-from app.kernels.execution import End, Message, run_execution
+from app.kernels import execution
+from app.kernels.errors import ConnectionLost, KernelError, UpstreamError, UpstreamUnavailable
+from app.kernels.execution import RECONNECT_ATTEMPTS, End, Message, run_execution
 
-DEADLINE = 100.0
+CODE = "while True: pass"
+DEADLINE = 100.0  # the clock starts at 0, so this is also the timeout
+TIMEOUT = 100.0
 GRACE = 5.0
+SETTLE = 2.0
 CRASH_WAIT = 30.0
+CONNECT_TIMEOUT = 10.0
+KERNEL_ID = "kernel-1"
 
+OWN = "<the execute_request>"
+INFO = "<the last kernel_info_request>"
+
+
+# -- fakes -------------------------------------------------------------------------------------
 
 class FakeClock:
     """A monotonic clock that only moves when told to."""
@@ -29,6 +47,17 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The fake clock; the loop's own `time.sleep` (between reconnections) advances it."""
+    fake = FakeClock()
+    monkeypatch.setattr(execution, "time", SimpleNamespace(sleep=fake.sleep, monotonic=fake))
+    return fake
 
 
 @dataclass
@@ -41,80 +70,149 @@ class Silence:
 class ScriptedChannel:
     """A KernelChannel stand-in: records what is sent, plays `script` on receive.
 
-    Script items are messages (arrive at once), `Silence`s, or exceptions (raised by recv).
-    Once the script is used up, the kernel says nothing more.
+    Script items are messages (delivered at once), `Silence`s (a receive whose timeout ends
+    within one returns None; otherwise the silence passes and the next item is delivered in the
+    same receive, as a real websocket would), or exceptions (raised by recv). Once the script is
+    used up, the kernel says nothing more.
     """
 
-    def __init__(self, clock: FakeClock, script: list) -> None:
-        self.clock = clock
+    def __init__(self, kernel: FakeKernel, script: list, session_id: str) -> None:
+        self.kernel = kernel
+        self.clock = kernel.clock
         self.script = list(script)
+        self.session_id = session_id
+        self.kernel_id = KERNEL_ID
         self.sent: list[dict] = []
-        self.recv_timeouts: list[float] = []
+        self.recvs: list[tuple[float, float]] = []  # (clock at the call, timeout)
+        self.closed = False
 
     def send(self, message: dict) -> None:
-        self.sent.append(message)
+        assert not self.closed, "send on a closed channel"
+        self.sent.append(copy.deepcopy(message))
 
-    def recv(self, timeout: float):
-        self.recv_timeouts.append(timeout)
-        if not self.script:
-            self.clock.now += timeout
-            return None
-        item = self.script[0]
-        if isinstance(item, BaseException):
-            self.script.pop(0)
-            raise item
-        if isinstance(item, Silence):
-            waited = min(item.seconds, timeout)
-            item.seconds -= waited
-            self.clock.now += waited
-            if item.seconds <= 0:
+    def recv(self, timeout: float) -> tuple[dict[str, Any], int] | None:
+        assert not self.closed, "recv on a closed channel"
+        assert timeout > 0
+        self.recvs.append((self.clock(), timeout))
+        remaining = timeout
+        while True:
+            if not self.script:
+                self.clock.now += remaining
+                return None
+            item = self.script[0]
+            if isinstance(item, Silence):
+                if item.seconds >= remaining:
+                    item.seconds -= remaining
+                    self.clock.now += remaining
+                    if item.seconds <= 0:
+                        self.script.pop(0)
+                    return None
+                self.clock.now += item.seconds
+                remaining -= item.seconds
                 self.script.pop(0)
-            return None
-        self.script.pop(0)
-        return item, len(json.dumps(item))
+                continue
+            self.script.pop(0)
+            if isinstance(item, BaseException):
+                raise item
+            message = self.kernel.resolve(item)
+            return message, len(json.dumps(message))
+
+    def close(self) -> None:
+        self.closed = True
 
 
-class Interrupt:
-    """The `interrupt` callback: records when it was called; may raise, and makes the kernel
-    send `kernel_answers` once called. `run()` connects it to the clock and the channel.
+class FakeKernel:
+    """The loop's `KernelControl`: scripted connections, recorded interrupts and restarts.
+
+    `scripts` holds one item per `connect()`: a script for a new `ScriptedChannel`, or an
+    exception that connect raises. `on_interrupt`/`on_restart` are appended to the current
+    channel's script when those are called (even if they then raise `interrupt_raises` /
+    `restart_raises`). `connect_seconds` is how long each connection takes on the clock.
     """
 
-    def __init__(self, raises: Exception | None = None, kernel_answers: list = ()) -> None:
-        self.raises = raises
-        self.kernel_answers = list(kernel_answers)
-        self.called_at: list[float] = []
-        self.clock: FakeClock | None = None
-        self.channel: ScriptedChannel | None = None
+    def __init__(self, clock: FakeClock, *scripts: list | BaseException,
+                 on_interrupt: list = (), interrupt_raises: KernelError | None = None,
+                 on_restart: list = (), restart_raises: KernelError | None = None,
+                 connect_seconds: float = 0.0) -> None:
+        self.clock = clock
+        self.scripts = list(scripts)
+        self.on_interrupt = list(on_interrupt)
+        self.interrupt_raises = interrupt_raises
+        self.on_restart = list(on_restart)
+        self.restart_raises = restart_raises
+        self.connect_seconds = connect_seconds
+        self.channels: list[ScriptedChannel] = []
+        self.connects: list[tuple[str | None, float]] = []  # (session_id, timeout)
+        self.interrupts: list[float] = []  # clock at each call
+        self.restarts: list[float] = []
 
-    def __call__(self) -> None:
-        self.called_at.append(self.clock())
-        if self.channel is not None:
-            self.channel.script.extend(self.kernel_answers)
-        if self.raises is not None:
-            raise self.raises
+    def connect(self, session_id: str | None, timeout: float) -> ScriptedChannel:
+        self.connects.append((session_id, timeout))
+        self.clock.now += self.connect_seconds
+        assert self.scripts, "the loop connected more often than the test scripted"
+        item = self.scripts.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        channel = ScriptedChannel(self, item, session_id or f"session-{len(self.connects)}")
+        self.channels.append(channel)
+        return channel
+
+    def interrupt(self) -> None:
+        self.interrupts.append(self.clock())
+        self.channels[-1].script.extend(self.on_interrupt)
+        if self.interrupt_raises is not None:
+            raise self.interrupt_raises
+
+    def restart(self) -> None:
+        self.restarts.append(self.clock())
+        self.channels[-1].script.extend(self.on_restart)
+        if self.restart_raises is not None:
+            raise self.restart_raises
+
+    @property
+    def sent(self) -> list[dict]:
+        return [message for channel in self.channels for message in channel.sent]
+
+    def last_sent(self, msg_type: str) -> dict | None:
+        matching = [m for m in self.sent if m["header"]["msg_type"] == msg_type]
+        return matching[-1] if matching else None
+
+    def resolve(self, message: dict) -> dict:
+        """A copy of `message` with the parent placeholders replaced by the real msg_ids."""
+        message = copy.deepcopy(message)
+        parent = message["parent_header"].get("msg_id")
+        request = {OWN: self.last_sent("execute_request"),
+                   INFO: self.last_sent("kernel_info_request")}.get(parent)
+        if request is not None:
+            message["parent_header"]["msg_id"] = request["header"]["msg_id"]
+        return message
 
 
-REQUEST = protocol.execute_request("while True: pass", "session-1")
-OWN_ID = REQUEST["header"]["msg_id"]
+# -- messages ----------------------------------------------------------------------------------
 
-
-def kernel_msg(msg_type: str, content: dict | None = None, parent: str | None = OWN_ID) -> dict:
-    """A decoded message, answering `parent` (None: parentless, as the server's own)."""
+def kernel_msg(msg_type: str, content: dict | None = None, parent: str | None = OWN,
+               channel: str = "iopub") -> dict:
+    """A decoded message answering `parent` (None: parentless, as the server's own)."""
     return {"header": {"msg_id": f"k-{msg_type}", "msg_type": msg_type},
             "parent_header": {"msg_id": parent} if parent else {}, "metadata": {},
-            "content": content or {}, "msg_type": msg_type, "channel": "iopub"}
+            "content": content or {}, "msg_type": msg_type, "channel": channel}
 
 
-def status(state: str, parent: str | None = OWN_ID) -> dict:
+def status(state: str, parent: str | None = OWN) -> dict:
     return kernel_msg("status", {"execution_state": state}, parent)
 
 
-def stream(text: str, parent: str | None = OWN_ID) -> dict:
+def stream(text: str, parent: str | None = OWN) -> dict:
     return kernel_msg("stream", {"name": "stdout", "text": text}, parent)
 
 
-def reply(state: str = "ok") -> dict:
-    return kernel_msg("execute_reply", {"status": state, "execution_count": 1})
+def reply(state: str = "ok", parent: str | None = OWN) -> dict:
+    return kernel_msg("execute_reply", {"status": state, "execution_count": 1}, parent,
+                      channel="shell")
+
+
+def info_reply(parent: str | None = INFO) -> dict:
+    return kernel_msg("kernel_info_reply", {"status": "ok"}, parent, channel="shell")
 
 
 def interrupted_answers() -> list:
@@ -123,22 +221,39 @@ def interrupted_answers() -> list:
             reply("error"), status("idle")]
 
 
-def run(script: list, interrupt: Interrupt | None = None
-        ) -> tuple[list, ScriptedChannel, Interrupt, FakeClock]:
-    """Runs the request against `script`; returns the events, channel, interrupt and clock."""
-    clock = FakeClock()
-    channel = ScriptedChannel(clock, script)
-    interrupt = interrupt or Interrupt()
-    interrupt.clock = clock
-    interrupt.channel = channel
-    events = list(run_execution(channel, REQUEST, DEADLINE, interrupt=interrupt,
-                                timeout=DEADLINE, crash_wait=CRASH_WAIT, grace=GRACE,
-                                clock=clock))
-    return events, channel, interrupt, clock
+# -- running -----------------------------------------------------------------------------------
+
+def start(kernel: FakeKernel):
+    """The event generator of one execution of CODE on `kernel`, with the test constants."""
+    return run_execution(kernel, CODE, DEADLINE, timeout=TIMEOUT, crash_wait=CRASH_WAIT,
+                         connect_timeout=CONNECT_TIMEOUT, grace=GRACE, settle=SETTLE,
+                         clock=kernel.clock)
+
+
+def run(kernel: FakeKernel) -> list:
+    return list(start(kernel))
+
+
+def run_until_raises(kernel: FakeKernel, error: type[BaseException]
+                     ) -> tuple[list, BaseException]:
+    """The events yielded before the execution raised `error`, and the exception."""
+    events = []
+    with pytest.raises(error) as caught:
+        for event in start(kernel):
+            events.append(event)
+    return events, caught.value
 
 
 def messages_of(events: list) -> list[dict]:
     return [e.message for e in events if isinstance(e, Message)]
+
+
+def kinds(events: list) -> list[str]:
+    return [m["msg_type"] for m in messages_of(events)]
+
+
+def texts(events: list) -> list[str]:
+    return [m["content"]["text"] for m in messages_of(events) if m["msg_type"] == "stream"]
 
 
 def end_of(events: list) -> End:
@@ -147,156 +262,439 @@ def end_of(events: list) -> End:
     return events[-1]
 
 
-# -- normal completion -----------------------------------------------------------------------
-
-def test_sends_the_request_once():
-    _, channel, _, _ = run([status("busy"), reply(), status("idle")])
-    assert channel.sent == [REQUEST]
+def assert_all_closed(kernel: FakeKernel) -> None:
+    assert kernel.channels and all(channel.closed for channel in kernel.channels)
 
 
-def test_completes_on_reply_then_idle_and_skips_other_requests():
+def recv_ends(kernel: FakeKernel, before: float = DEADLINE) -> list[float]:
+    """When each receive started before `before` would time out at the latest."""
+    return [at + timeout for channel in kernel.channels for at, timeout in channel.recvs
+            if at < before]
+
+
+# -- the request ---------------------------------------------------------------------------------
+
+def test_opens_a_new_session_and_sends_one_execute_request(clock):
+    """First connect has no session id; the request carries the code, that session, no stdin."""
+    kernel = FakeKernel(clock, [status("busy"), reply(), status("idle")])
+    run(kernel)
+    assert kernel.connects == [(None, CONNECT_TIMEOUT)]
+    [request] = kernel.channels[0].sent
+    assert request["header"]["msg_type"] == "execute_request"
+    assert request["header"]["session"] == kernel.channels[0].session_id
+    assert request["content"]["code"] == CODE
+    assert request["content"]["allow_stdin"] is False
+
+
+def test_yielded_messages_answer_the_sent_request_and_carry_their_size(clock):
+    kernel = FakeKernel(clock, [stream("x" * 40), reply(), status("idle")])
+    events = run(kernel)
+    msg_id = kernel.last_sent("execute_request")["header"]["msg_id"]
+    for event in events[:-1]:
+        assert event.message["parent_header"]["msg_id"] == msg_id
+        assert event.size == len(json.dumps(event.message))
+
+
+def test_connect_timeout_is_capped_by_the_time_left(clock):
+    """A connection opened 3 s before the deadline may take 3 s, not CONNECT_TIMEOUT."""
+    clock.now = DEADLINE - 3
+    kernel = FakeKernel(clock, [reply(), status("idle")])
+    assert end_of(run(kernel)) == End()
+    assert kernel.connects == [(None, 3.0)]
+
+
+# -- normal completion -------------------------------------------------------------------------
+
+def test_messages_of_other_requests_are_skipped(clock):
+    """Other clients' messages, and parentless statuses that are no death, are not yielded."""
     other = "someone-elses-request"
-    script = [status("busy"), stream("theirs", parent=other), stream("ours"),
-              status("starting", parent=None), reply(), status("idle", parent=other),
-              status("idle")]
-    events, _, interrupt, _ = run(script)
-    assert messages_of(events) == [status("busy"), stream("ours"), reply(), status("idle")]
+    kernel = FakeKernel(clock, [status("busy"), stream("theirs", parent=other), stream("ours"),
+                                status("starting", parent=None), reply(parent=other),
+                                reply(), status("idle", parent=other), status("idle")])
+    events = run(kernel)
+    assert kinds(events) == ["status", "stream", "execute_reply", "status"]
+    assert texts(events) == ["ours"]
     assert end_of(events) == End()
-    assert interrupt.called_at == []
+    assert kernel.interrupts == [] and kernel.restarts == []
 
 
-def test_completes_on_idle_then_reply():
-    events, _, _, _ = run([status("busy"), status("idle"), reply()])
-    assert [m["msg_type"] for m in messages_of(events)] == ["status", "status", "execute_reply"]
+@pytest.mark.parametrize("ending", [
+    [reply(), status("idle")],
+    [status("idle"), reply()],
+], ids=["reply-then-idle", "idle-then-reply"])
+def test_completes_on_reply_and_idle_in_either_order(clock, ending):
+    kernel = FakeKernel(clock, [status("busy"), stream("hi"), *ending])
+    events = run(kernel)
+    assert kinds(events) == ["status", "stream"] + [m["msg_type"] for m in ending]
+    assert end_of(events) == End()
+    assert clock.now == 0  # nothing waited for: both halves were in
+    assert kernel.interrupts == [] and kernel.restarts == []
+
+
+def test_messages_between_reply_and_idle_are_kept(clock):
+    kernel = FakeKernel(clock, [status("busy"), reply(), Silence(1), stream("late output"),
+                                status("idle")])
+    events = run(kernel)
+    assert texts(events) == ["late output"]
     assert end_of(events) == End()
 
 
-def test_messages_between_reply_and_idle_are_kept():
-    events, _, _, _ = run([status("busy"), reply(), stream("late output"), status("idle")])
-    assert stream("late output") in messages_of(events)
-    assert end_of(events).status is None
+def test_stops_reading_once_complete(clock):
+    kernel = FakeKernel(clock, [reply(), status("idle"), stream("the next request's?")])
+    events = run(kernel)
+    assert end_of(events) == End()
+    assert kernel.channels[0].script == [stream("the next request's?")]
 
 
-def test_stops_reading_once_complete():
-    events, channel, _, _ = run([reply(), status("idle"), stream("next request's?")])
-    assert channel.script == [stream("next request's?")]
+def test_error_reply_is_a_normal_end(clock):
+    """An error in the code is the kernel's own answer: End() leaves the status to the reply."""
+    kernel = FakeKernel(clock, [kernel_msg("error", {"ename": "ZeroDivisionError"}),
+                                reply("error"), status("idle")])
+    events = run(kernel)
+    assert kinds(events) == ["error", "execute_reply", "status"]
     assert end_of(events) == End()
 
 
-def test_message_sizes_are_passed_on():
-    events, _, _, _ = run([stream("x" * 40), reply(), status("idle")])
-    first = events[0]
-    assert first.size == len(json.dumps(first.message))
-
-
-def test_slow_kernel_within_the_deadline_is_not_interrupted():
-    events, channel, interrupt, clock = run([status("busy"), Silence(60), stream("done"),
-                                             Silence(39), reply(), status("idle")])
+def test_slow_kernel_within_the_deadline_is_not_interrupted(clock):
+    kernel = FakeKernel(clock, [status("busy"), Silence(60), stream("done"), Silence(39),
+                                reply(), status("idle")])
+    events = run(kernel)
     assert end_of(events) == End()
-    assert interrupt.called_at == []
+    assert texts(events) == ["done"]
+    assert kernel.interrupts == []
     assert clock.now == 99
-    assert all(0 < t <= DEADLINE for t in channel.recv_timeouts)
 
 
-# -- deadline --------------------------------------------------------------------------------
+# -- one half missing --------------------------------------------------------------------------
 
-def test_deadline_interrupts_once_and_keeps_what_arrives_in_the_grace_period():
-    interrupt = Interrupt(kernel_answers=interrupted_answers())
-    events, _, _, clock = run([status("busy"), stream("partial")], interrupt)
-    assert interrupt.called_at == [DEADLINE]
-    kinds = [m["msg_type"] for m in messages_of(events)]
-    assert kinds == ["status", "stream", "error", "execute_reply", "status"]
+def test_dropped_idle_completes_after_settle_seconds_not_at_the_deadline(clock):
+    kernel = FakeKernel(clock, [status("busy"), Silence(10), reply()])
+    events = run(kernel)
+    assert kinds(events) == ["status", "execute_reply"]
+    assert end_of(events) == End()
+    assert clock.now == 10 + SETTLE
+    assert kernel.interrupts == [] and kernel.restarts == []
+
+
+def test_settle_wait_restarts_with_each_message_after_the_reply(clock):
+    """The idle is awaited while messages keep coming; SETTLE s of silence ends the wait."""
+    kernel = FakeKernel(clock, [reply(), Silence(1.5), stream("a"), Silence(1.5), stream("b")])
+    events = run(kernel)
+    assert texts(events) == ["a", "b"]
+    assert end_of(events) == End()
+    assert clock.now == 1.5 + 1.5 + SETTLE
+
+
+def test_idle_without_reply_raises_connection_lost_after_settle_seconds(clock):
+    kernel = FakeKernel(clock, [status("busy"), stream("out"), Silence(10), status("idle")])
+    events, error = run_until_raises(kernel, ConnectionLost)
+    assert kinds(events) == ["status", "stream", "status"]
+    assert "reply was lost" in error.message
+    assert error.details.get("kernel_id") == KERNEL_ID
+    assert clock.now == 10 + SETTLE
+    assert kernel.interrupts == [] and kernel.restarts == []
+    assert_all_closed(kernel)
+
+
+@pytest.mark.parametrize("half", [reply(), status("idle")], ids=["reply", "idle"])
+def test_half_in_just_before_the_deadline_does_not_interrupt(clock, half):
+    """A reply (or idle) 1 s before the deadline means the code finished: no interrupt.
+
+    The settle wait is cut short by the deadline, and the loop then treats the finished code
+    as overrunning: it interrupts the kernel (which by now may run someone else's code) and
+    reports a timeout for code that completed (or, for the idle, interrupts and only then
+    raises ConnectionLost).
+    """
+    # Code that finished just before the deadline must not be treated as overrunning: an
+    # interrupt then could hit whatever the kernel runs next.
+    kernel = FakeKernel(clock, [status("busy"), Silence(DEADLINE - 1), half])
+    if half["msg_type"] == "execute_reply":
+        events = run(kernel)
+        assert kernel.interrupts == [] and kernel.restarts == []
+        assert end_of(events) == End()
+    else:
+        run_until_raises(kernel, ConnectionLost)
+        assert kernel.interrupts == [] and kernel.restarts == []
+
+
+# -- deadline ----------------------------------------------------------------------------------
+
+def test_deadline_interrupts_once_and_keeps_what_arrives_in_the_grace_period(clock):
+    kernel = FakeKernel(clock, [status("busy"), stream("partial")],
+                        on_interrupt=[Silence(1), *interrupted_answers()])
+    events = run(kernel)
+    assert kernel.interrupts == [DEADLINE]
+    assert kernel.restarts == []
+    assert kinds(events) == ["status", "stream", "error", "execute_reply", "status"]
     end = end_of(events)
     assert end.status == "timeout"
     assert end.error["ename"] == "ExecutionTimeout"
-    assert "interrupted" in end.error["evalue"]
+    assert f"{TIMEOUT:g} s deadline" in end.error["evalue"]
+    assert "interrupted and keeps its state" in end.error["evalue"]
+    assert clock.now == DEADLINE + 1
+    assert_all_closed(kernel)
+
+
+def test_reply_without_idle_in_the_grace_period_settles(clock):
+    """After the interrupt, a reply whose idle is dropped still ends the grace wait early."""
+    kernel = FakeKernel(clock, [status("busy")], on_interrupt=[reply("error")])
+    events = run(kernel)
+    assert kernel.interrupts == [DEADLINE] and kernel.restarts == []
+    assert "interrupted and keeps its state" in end_of(events).error["evalue"]
+    assert clock.now == DEADLINE + SETTLE
+
+
+def test_kernel_that_ignores_the_interrupt_is_restarted(clock):
+    kernel = FakeKernel(clock, [status("busy"), stream("partial")],
+                        on_interrupt=[Silence(1), stream("still going")])
+    events = run(kernel)
+    assert kernel.interrupts == [DEADLINE]
+    assert kernel.restarts == [DEADLINE + GRACE]
+    assert texts(events) == ["partial", "still going"]
+    end = end_of(events)
+    assert end.status == "timeout"
+    assert end.error["ename"] == "ExecutionTimeout"
+    assert "restarted" in end.error["evalue"]
+    assert "state is lost" in end.error["evalue"]
     assert "may still be running" not in end.error["evalue"]
-    assert clock.now <= DEADLINE + GRACE
+    assert clock.now == DEADLINE + GRACE
+    assert_all_closed(kernel)
 
 
-def test_kernel_that_ignores_the_interrupt_may_still_be_running():
-    events, _, interrupt, clock = run([status("busy"), stream("partial")])
-    assert len(interrupt.called_at) == 1
-    assert stream("partial") in messages_of(events)
+def test_failed_interrupt_goes_straight_to_restart(clock):
+    kernel = FakeKernel(clock, [status("busy")], interrupt_raises=UpstreamError("refused"))
+    events = run(kernel)
+    assert kernel.interrupts == [DEADLINE]
+    assert kernel.restarts == [DEADLINE]
+    end = end_of(events)
+    assert end.status == "timeout"
+    assert "state is lost" in end.error["evalue"]
+
+
+@pytest.mark.parametrize("interrupt_raises", [None, UpstreamError("interrupt refused")],
+                         ids=["interrupt-ignored", "interrupt-failed"])
+def test_failed_restart_says_the_code_may_still_be_running(clock, interrupt_raises):
+    kernel = FakeKernel(clock, [status("busy")], interrupt_raises=interrupt_raises,
+                        restart_raises=UpstreamUnavailable("server down"))
+    events = run(kernel)
+    assert len(kernel.interrupts) == 1
+    assert len(kernel.restarts) == 1
     end = end_of(events)
     assert end.status == "timeout"
     assert end.error["ename"] == "ExecutionTimeout"
     assert "may still be running" in end.error["evalue"]
-    assert clock.now == pytest.approx(DEADLINE + GRACE)
+    assert_all_closed(kernel)
 
 
-def test_failed_interrupt_says_the_code_may_still_be_running():
-    interrupt = Interrupt(raises=UpstreamError("interrupt refused"),
-                          kernel_answers=[stream("still going")])
-    events, _, _, _ = run([status("busy")], interrupt)
-    assert len(interrupt.called_at) == 1
-    assert stream("still going") in messages_of(events)
+def test_code_that_never_started_is_neither_interrupted_nor_restarted(clock):
+    """The kernel was busy with another client's code: interrupting would stop theirs."""
+    other = "someone-elses-request"
+    kernel = FakeKernel(clock, [status("busy", parent=other), stream("theirs", parent=other),
+                                Silence(50), stream("still theirs", parent=other)])
+    events = run(kernel)
+    assert messages_of(events) == []
+    assert kernel.interrupts == [] and kernel.restarts == []
     end = end_of(events)
     assert end.status == "timeout"
-    assert "may still be running" in end.error["evalue"]
+    assert end.error["ename"] == "ExecutionTimeout"
+    assert "did not start" in end.error["evalue"]
+    assert clock.now == DEADLINE  # no grace period either
+    assert_all_closed(kernel)
 
 
-def test_reply_without_idle_by_the_deadline_is_a_timeout():
-    events, _, interrupt, _ = run([status("busy"), reply()])
-    assert len(interrupt.called_at) == 1
-    assert end_of(events).status == "timeout"
-
-
-# -- kernel death ----------------------------------------------------------------------------
-
-def test_dead_kernel_is_reported_at_once_without_interrupt():
-    events, _, interrupt, clock = run([status("busy"), stream("before"), Silence(1),
-                                       status("dead", parent=None)])
-    assert messages_of(events) == [status("busy"), stream("before")]
+def test_death_during_the_grace_period_is_a_crash_not_a_restart(clock):
+    kernel = FakeKernel(clock, [status("busy")],
+                        on_interrupt=[Silence(1), status("dead", parent=None)])
+    events = run(kernel)
+    assert kernel.interrupts == [DEADLINE]
+    assert kernel.restarts == []
     end = end_of(events)
     assert end.status == "crashed"
-    assert end.error["ename"] == "KernelDied"
     assert "gone" in end.error["evalue"]
-    assert interrupt.called_at == []
-    assert clock.now == 1
 
 
-def test_restarted_kernel_is_reported_once_the_server_says_it_is_back():
-    events, _, interrupt, clock = run([status("busy"), Silence(2),
-                                       status("restarting", parent=None), Silence(3),
-                                       status("starting", parent=None)])
+def test_recv_never_waits_beyond_the_deadline(clock):
+    """Each receive started before the deadline times out by the deadline at the latest."""
+    kernel = FakeKernel(clock, [status("busy"), Silence(30), stream("a"), Silence(69.5),
+                                stream("b")],
+                        on_interrupt=[Silence(GRACE - 1), *interrupted_answers()])
+    assert end_of(run(kernel)).status == "timeout"
+    ends = recv_ends(kernel)
+    assert ends and max(ends) <= DEADLINE
+    assert max(recv_ends(kernel, before=float("inf"))) <= DEADLINE + GRACE
+
+
+# -- kernel death ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("back", ["starting", "idle"])
+def test_restarted_kernel_is_reported_once_it_answers_kernel_info(clock, back):
+    kernel = FakeKernel(clock, [status("busy"), stream("before"), Silence(2),
+                                status("restarting", parent=None), Silence(3),
+                                status(back, parent=None), Silence(1), info_reply()])
+    events = run(kernel)
+    assert texts(events) == ["before"]
     end = end_of(events)
     assert end.status == "crashed"
     assert end.error["ename"] == "KernelDied"
     assert "works again" in end.error["evalue"]
-    assert interrupt.called_at == []
-    assert clock.now == 5
+    assert kernel.interrupts == [] and kernel.restarts == []
+    assert clock.now == 6  # long before the deadline
+    info = kernel.last_sent("kernel_info_request")
+    assert info is not None and info["header"]["session"] == kernel.channels[0].session_id
+    assert_all_closed(kernel)
 
 
-def test_restart_that_never_finishes_waits_crash_wait_not_the_deadline():
-    events, _, interrupt, clock = run([status("busy"), Silence(2),
-                                       status("restarting", parent=None)])
+def test_kernel_info_reply_to_another_request_does_not_count(clock):
+    kernel = FakeKernel(clock, [status("busy"), status("restarting", parent=None),
+                                status("starting", parent=None), info_reply(parent="other")])
+    end = end_of(run(kernel))
+    assert "still restarting" in end.error["evalue"]
+    assert clock.now == CRASH_WAIT
+
+
+def test_dead_kernel_is_reported_at_once(clock):
+    kernel = FakeKernel(clock, [status("busy"), stream("before"), Silence(1),
+                                status("dead", parent=None), stream("never read")])
+    events = run(kernel)
+    assert texts(events) == ["before"]
     end = end_of(events)
     assert end.status == "crashed"
+    assert end.error["ename"] == "KernelDied"
+    assert "gone" in end.error["evalue"]
+    assert kernel.interrupts == [] and kernel.restarts == []
+    assert clock.now == 1
+    assert_all_closed(kernel)
+
+
+def test_restart_that_fails_is_reported_when_the_server_says_dead(clock):
+    kernel = FakeKernel(clock, [status("busy"), Silence(2), status("restarting", parent=None),
+                                Silence(4), status("dead", parent=None)])
+    end = end_of(run(kernel))
+    assert end.status == "crashed"
+    assert "gone" in end.error["evalue"]
+    assert clock.now == 6
+
+
+def test_dead_after_starting_is_reported_at_once(clock):
+    """A restarted kernel that dies again before answering kernel_info is gone, at once."""
+    # A kernel that dies again while coming back is gone: say so at once, not after crash_wait.
+    kernel = FakeKernel(clock, [status("busy"), Silence(2), status("restarting", parent=None),
+                                Silence(1), status("starting", parent=None), Silence(1),
+                                status("dead", parent=None)])
+    end = end_of(run(kernel))
+    assert end.status == "crashed"
+    assert "gone" in end.error["evalue"]
+    assert clock.now == 4
+
+
+def test_restart_that_never_finishes_waits_crash_wait(clock):
+    kernel = FakeKernel(clock, [status("busy"), Silence(2), status("restarting", parent=None)])
+    events = run(kernel)
+    end = end_of(events)
+    assert end.status == "crashed"
+    assert end.error["ename"] == "KernelDied"
     assert "still restarting" in end.error["evalue"]
-    assert interrupt.called_at == []
-    assert clock.now == pytest.approx(2 + CRASH_WAIT)
+    assert f"{CRASH_WAIT:g} s" in end.error["evalue"]
+    assert kernel.interrupts == [] and kernel.restarts == []
+    assert clock.now == 2 + CRASH_WAIT
+    assert_all_closed(kernel)
 
 
-def test_death_during_the_grace_period_is_a_crash():
-    interrupt = Interrupt(kernel_answers=[status("dead", parent=None)])
-    events, _, _, _ = run([status("busy")], interrupt)
-    assert len(interrupt.called_at) == 1
-    assert end_of(events).status == "crashed"
+def test_status_dead_of_another_request_is_not_a_death(clock):
+    kernel = FakeKernel(clock, [status("dead", parent="other"), reply(), status("idle")])
+    assert end_of(run(kernel)) == End()
 
 
-def test_status_dead_of_another_request_is_not_a_death():
-    events, _, _, _ = run([status("dead", parent="other"), reply(), status("idle")])
+# -- stdin -------------------------------------------------------------------------------------
+
+def test_input_request_interrupts_and_ends_with_a_stdin_error(clock):
+    kernel = FakeKernel(clock, [status("busy"), kernel_msg("input_request", {"prompt": "?"})],
+                        on_interrupt=interrupted_answers())
+    events = run(kernel)
+    assert kernel.interrupts == [0] and kernel.restarts == []
+    assert kinds(events) == ["status", "input_request", "error", "execute_reply", "status"]
+    end = end_of(events)
+    assert end.status == "error"
+    assert end.error["ename"] == "StdinNotImplementedError"
+
+
+# -- broken connection -------------------------------------------------------------------------
+
+def test_connection_lost_reconnects_with_the_same_session_and_collects_the_replay(clock):
+    kernel = FakeKernel(clock,
+                        [status("busy"), stream("a"), Silence(5), ConnectionLost("broke")],
+                        [stream("b"), reply(), status("idle")])
+    events = run(kernel)
+    first, second = kernel.channels
+    assert [session for session, _ in kernel.connects] == [None, first.session_id]
+    assert second.session_id == first.session_id
+    assert second.sent == []  # the request is never sent twice
+    assert [m["header"]["msg_type"] for m in first.sent] == ["execute_request"]
+    assert texts(events) == ["a", "b"]
+    assert kinds(events)[-2:] == ["execute_reply", "status"]
     assert end_of(events) == End()
+    assert kernel.interrupts == [] and kernel.restarts == []
+    assert_all_closed(kernel)
 
 
-# -- broken connection -----------------------------------------------------------------------
+def test_reconnect_failure_raises_connection_lost_after_the_messages_before_it(clock):
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                        UpstreamUnavailable("server down"))
+    events, error = run_until_raises(kernel, ConnectionLost)
+    assert kinds(events) == ["status"]
+    assert isinstance(error.__cause__, UpstreamUnavailable)
+    assert [session for session, _ in kernel.connects] == [None, kernel.channels[0].session_id]
+    assert_all_closed(kernel)
 
-def test_connection_lost_propagates_after_the_messages_before_it():
-    clock = FakeClock()
-    channel = ScriptedChannel(clock, [status("busy"), ConnectionLost("websocket broke")])
-    events = run_execution(channel, REQUEST, DEADLINE, interrupt=Interrupt(),
-                           timeout=DEADLINE, crash_wait=CRASH_WAIT, grace=GRACE, clock=clock)
-    assert next(events) == Message(status("busy"), len(json.dumps(status("busy"))))
-    with pytest.raises(ConnectionLost):
-        next(events)
+
+def test_connection_that_keeps_breaking_is_given_up_after_the_reconnect_attempts(clock):
+    broken = [[ConnectionLost("broke again")] for _ in range(RECONNECT_ATTEMPTS)]
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")], *broken)
+    run_until_raises(kernel, ConnectionLost)
+    assert len(kernel.connects) == 1 + RECONNECT_ATTEMPTS
+    assert all(channel.sent == [] for channel in kernel.channels[1:])
+    assert_all_closed(kernel)
+
+
+def test_reconnect_timeout_is_capped_by_the_time_left(clock):
+    kernel = FakeKernel(clock, [status("busy"), Silence(DEADLINE - 4), ConnectionLost("broke")],
+                        [reply(), status("idle")])
+    assert end_of(run(kernel)) == End()
+    (_, first_timeout), (_, second_timeout) = kernel.connects
+    assert first_timeout == CONNECT_TIMEOUT
+    assert second_timeout <= 4
+
+
+def test_recv_after_a_reconnect_does_not_wait_beyond_the_deadline(clock):
+    """The time spent in the broken receive and reconnecting counts against the deadline."""
+    # The time spent in the broken receive and in reconnecting counts against the deadline.
+    kernel = FakeKernel(clock, [status("busy"), Silence(90), ConnectionLost("broke")], [],
+                        on_interrupt=interrupted_answers(), connect_seconds=1)
+    end = end_of(run(kernel))
+    assert end.status == "timeout"
+    assert max(recv_ends(kernel)) <= DEADLINE
+    assert kernel.interrupts == [pytest.approx(DEADLINE)]
+
+
+# -- cleanup -----------------------------------------------------------------------------------
+
+def test_channel_is_closed_when_the_consumer_stops_early(clock):
+    kernel = FakeKernel(clock, [status("busy"), stream("a"), reply(), status("idle")])
+    events = start(kernel)
+    assert isinstance(next(events), Message)
+    events.close()
+    assert_all_closed(kernel)
+
+
+def test_channel_is_closed_when_recv_raises_something_else(clock):
+    kernel = FakeKernel(clock, [status("busy"), UpstreamError("not a Jupyter message")])
+    run_until_raises(kernel, UpstreamError)
+    assert len(kernel.connects) == 1  # only ConnectionLost reconnects
+    assert_all_closed(kernel)
+
+
+def test_failing_first_connect_propagates(clock):
+    kernel = FakeKernel(clock, UpstreamUnavailable("server down"))
+    with pytest.raises(UpstreamUnavailable):
+        run(kernel)
+    assert kernel.channels == []

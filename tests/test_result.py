@@ -39,7 +39,7 @@ def error(ename: str = "ZeroDivisionError", evalue: str = "division by zero") ->
 
 def fold(*messages: dict, cap: int = NO_CAP) -> ExecutionResult:
     """An ExecutionResult fed `messages` in order, each sized as its JSON encoding."""
-    result = ExecutionResult(MSG_ID, cap)
+    result = ExecutionResult(cap)
     for message in messages:
         result.add(message, len(json.dumps(message)))
     return result
@@ -118,14 +118,35 @@ def test_results_keep_every_raw_message_in_arrival_order():
     assert any(m["msg_type"] == "execute_reply" for m in answer["results"])
 
 
-def test_output_past_the_cap_is_dropped_and_flagged():
+def test_output_past_the_cap_is_cut_where_the_cap_is_and_flagged():
     first, second = stream("A" * 100), stream("B" * 100)
     cap = len(json.dumps(first)) + 10
     answer = fold(status("busy"), first, second, reply(count=3), status("idle"),
                   cap=cap).answer()
-    assert answer["stdout"] == "A" * 100
+    assert answer["stdout"] == "A" * 100 + "B" * 10  # the start of the crossing stream is kept
     assert answer["truncated"] is True
-    assert second not in answer["results"]
+    assert second not in answer["results"]  # the raw message is cut like the summary
+
+
+def test_a_single_huge_print_keeps_its_start():
+    answer = fold(stream("X" * 10_000), reply(), status("idle"), cap=1000).answer()
+    assert answer["stdout"] == "X" * 1000
+    assert answer["truncated"] is True
+
+
+def test_output_that_is_not_a_stream_is_dropped_whole_past_the_cap():
+    image = msg("display_data", {"data": {"image/png": "P" * 5000}, "metadata": {}})
+    answer = fold(image, reply(), status("idle"), cap=1000).answer()
+    assert answer["outputs"] == []
+    assert answer["truncated"] is True
+
+
+def test_server_rate_limit_notice_marks_the_answer_truncated():
+    notice = stream("IOPub data rate exceeded.\nThe Jupyter server will temporarily stop "
+                    "sending output\n", "stderr")
+    answer = fold(stream("start\n"), notice, reply(), status("idle")).answer()
+    assert answer["truncated"] is True
+    assert answer["stderr"].startswith("IOPub data rate exceeded")
 
 
 def test_reply_and_status_are_kept_past_the_cap():
@@ -134,11 +155,11 @@ def test_reply_and_status_are_kept_past_the_cap():
                                                       traceback=[]),
                   status("idle"), cap=50).answer()
     kinds = [m["msg_type"] for m in answer["results"]]
-    assert kinds == ["status", "execute_reply", "status"]
+    assert kinds == ["status", "stream", "execute_reply", "status"]
     assert answer["status"] == "error"
     assert answer["execution_count"] == 5
     assert answer["error"]["ename"] == "E"  # the dropped iopub error is replaced by the reply's
-    assert answer["stdout"] == ""
+    assert answer["stdout"] == "X" * 50
     assert answer["truncated"] is True
 
 
@@ -155,7 +176,8 @@ def test_no_output_is_kept_after_the_cap_was_hit():
     cap = len(json.dumps(a)) + len(json.dumps(c)) + 5
     answer = fold(a, b, c, reply(), status("idle"), cap=cap).answer()
     assert answer["truncated"] is True
-    assert answer["stdout"] == "A" * 50
+    assert answer["stdout"].startswith("A" * 50 + "B")
+    assert "C" not in answer["stdout"]
 
 
 def test_answer_overrides_status_and_error():

@@ -34,14 +34,14 @@ class KernelChannel:
         self.session_id = session_id
 
     @classmethod
-    def open(cls, url: str, kernel_id: str, headers: list[str],
-             timeout: float) -> KernelChannel:
+    def open(cls, url: str, kernel_id: str, headers: list[str], timeout: float,
+             session_id: str | None = None) -> KernelChannel:
         """Opens the websocket; `url` has no query string, `timeout` bounds the handshake.
 
-        The session id makes the server treat reconnections as the same client and buffer
-        messages for it meanwhile.
+        The session id (new unless given) makes the server treat a reconnection as the same
+        client and replay what it buffered for it meanwhile.
         """
-        session_id = uuid.uuid4().hex
+        session_id = session_id or uuid.uuid4().hex
         try:
             ws = websocket.create_connection(
                 f"{url}?session_id={session_id}", header=headers, timeout=timeout,

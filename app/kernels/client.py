@@ -101,6 +101,11 @@ class JupyterClient:
         """`POST /api/kernels/{id}/interrupt`: the kernel stops what it runs, keeps its state."""
         self._request("POST", f"/api/kernels/{kernel_id}/interrupt", kernel_id=kernel_id)
 
+    def restart_kernel(self, kernel_id: str) -> None:
+        """`POST /api/kernels/{id}/restart`: a fresh process under the same id, state lost."""
+        self._request("POST", f"/api/kernels/{kernel_id}/restart", kernel_id=kernel_id,
+                      timeout=self.settings.kernel_start_timeout)
+
     def _request(self, method: str, path: str, *, json: Any = None, timeout: float | None = None,
                  kernel_id: str | None = None) -> Any:
         """One REST call; foreign errors become `KernelError`s without upstream text."""
@@ -137,7 +142,8 @@ class JupyterClient:
 
     # -- websocket -------------------------------------------------------------------------
 
-    def open_channel(self, kernel_id: str, timeout: float | None = None) -> KernelChannel:
+    def open_channel(self, kernel_id: str, timeout: float | None = None,
+                     session_id: str | None = None) -> KernelChannel:
         """Opens a websocket to the kernel's channels; the caller owns (and closes) it."""
         parts = urlsplit(self.base_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
@@ -145,7 +151,7 @@ class JupyterClient:
                           "", ""))
         headers = [f"Authorization: token {self.settings.token}"] if self.settings.token else []
         return KernelChannel.open(url, kernel_id, headers,
-                                  timeout or self.settings.timeout_connect)
+                                  timeout or self.settings.timeout_connect, session_id)
 
     # -- lifecycle -------------------------------------------------------------------------
 

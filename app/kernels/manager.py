@@ -2,21 +2,21 @@
 
 Kernel state lives in the Jupyter server, not here: any manager (any worker) can drive any
 kernel by id. Thread safety: a manager is shared by a worker's threads. Executions on one
-kernel are serialized by a per-kernel lock (the kernel runs one cell at a time, and a deadline
-must never interrupt another request's code); executions on different kernels run in parallel.
+kernel are serialized by a per-kernel lock that holds across the processes of one machine
+(`locks.py`): the kernel runs one cell at a time, and a deadline must never interrupt another
+request's code. Executions on different kernels run in parallel.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from app.kernels import protocol
+from app.kernels.channel import KernelChannel
 from app.kernels.client import JupyterClient
+from app.kernels.locks import KernelLocks
 from app.kernels.errors import InvalidRequest, KernelError, UpstreamTimeout
 from app.kernels.execution import End, Message, run_execution
 from app.kernels.result import ExecutionResult
@@ -41,7 +41,7 @@ class KernelManager:
         self.client = client
         self.settings = client.settings
         self.logger = logger or StructuredLogger(__name__)
-        self._locks = _KernelLocks()
+        self._locks = KernelLocks(client.base_url)
 
     def start_kernel(self, name: str | None = None) -> dict[str, Any]:
         """Starts a kernel of spec `name` (default: settings) and returns once it can execute.
@@ -75,17 +75,25 @@ class KernelManager:
         timeout = self._check_timeout(timeout)
         started = time.monotonic()
         deadline = started + timeout
-        request = protocol.execute_request(code, session_id=uuid.uuid4().hex)
-        result = ExecutionResult(request["header"]["msg_id"], self.settings.max_output_bytes)
-        with self._locks.hold(kernel_id, timeout) as acquired:
-            if not acquired:
+        result = ExecutionResult(self.settings.max_output_bytes)
+        with self._locks.hold(kernel_id, deadline) as acquired:
+            if acquired:
+                end = End()
+                for event in run_execution(
+                        _Kernel(self.client, kernel_id), code, deadline, timeout=timeout,
+                        crash_wait=self.settings.crash_sleep_duration,
+                        connect_timeout=self.settings.timeout_connect):
+                    if isinstance(event, Message):
+                        result.add(event.message, event.size)
+                    else:
+                        end = event
+                answer = result.answer(end.status, end.error)
+            else:
                 answer = result.answer("timeout", {
                     "ename": "ExecutionTimeout",
                     "evalue": f"the kernel stayed busy with earlier code for the whole "
                               f"{timeout:g} s deadline; this code did not run",
                     "traceback": []})
-            else:
-                answer = self._run(kernel_id, request, deadline, timeout, result)
         self.logger.info("code executed", kernel_id=kernel_id, status=answer["status"],
                          duration_ms=round((time.monotonic() - started) * 1000, 1))
         return answer
@@ -94,23 +102,9 @@ class KernelManager:
         """Shuts the kernel down; raises `KernelNotFound` if the server has no such kernel."""
         check_kernel_id(kernel_id)
         self.client.shutdown_kernel(kernel_id)
+        self._locks.forget(kernel_id)
         self.logger.info("kernel shut down", kernel_id=kernel_id)
         return {"message": f"Kernel {kernel_id} shutdown"}
-
-    def _run(self, kernel_id: str, request: dict[str, Any], deadline: float, timeout: float,
-             result: ExecutionResult) -> dict[str, Any]:
-        connect_timeout = max(min(self.settings.timeout_connect, deadline - time.monotonic()),
-                              0.1)
-        with self.client.open_channel(kernel_id, timeout=connect_timeout) as channel:
-            end = End()
-            for event in run_execution(channel, request, deadline, timeout=timeout,
-                                       crash_wait=self.settings.crash_sleep_duration,
-                                       interrupt=lambda: self.client.interrupt_kernel(kernel_id)):
-                if isinstance(event, Message):
-                    result.add(event.message, event.size)
-                else:
-                    end = event
-        return result.answer(end.status, end.error)
 
     def _wait_until_ready(self, kernel_id: str, deadline: float) -> None:
         """Returns once the kernel answers a `kernel_info_request`."""
@@ -146,28 +140,18 @@ class KernelManager:
                                 kernel_id=kernel_id)
 
 
-class _KernelLocks:
-    """One lock per kernel id, created on first use and dropped when nobody holds or waits."""
+class _Kernel:
+    """One kernel as the execution loop sees it (`execution.KernelControl`)."""
 
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+    def __init__(self, client: JupyterClient, kernel_id: str) -> None:
+        self.client = client
+        self.kernel_id = kernel_id
 
-    @contextmanager
-    def hold(self, kernel_id: str, timeout: float) -> Iterator[bool]:
-        """Holds the kernel's lock (yields True), or yields False if `timeout` passes first."""
-        with self._guard:
-            lock, users = self._locks.get(kernel_id, (threading.Lock(), 0))
-            self._locks[kernel_id] = (lock, users + 1)
-        acquired = lock.acquire(timeout=timeout)
-        try:
-            yield acquired
-        finally:
-            if acquired:
-                lock.release()
-            with self._guard:
-                lock, users = self._locks[kernel_id]
-                if users > 1:
-                    self._locks[kernel_id] = (lock, users - 1)
-                else:
-                    del self._locks[kernel_id]
+    def connect(self, session_id: str | None, timeout: float) -> KernelChannel:
+        return self.client.open_channel(self.kernel_id, timeout, session_id)
+
+    def interrupt(self) -> None:
+        self.client.interrupt_kernel(self.kernel_id)
+
+    def restart(self) -> None:
+        self.client.restart_kernel(self.kernel_id)

@@ -2,8 +2,9 @@
 
 `ExecutionResult` takes the messages of one `execute_request` in arrival order and keeps the raw
 messages (`results`) and their summary (`stdout`, `stderr`, `outputs`, `error`, ...). Past
-`max_output_bytes` it stops keeping output but still reads the messages that end the execution,
-and says `truncated: true`.
+`max_output_bytes` it stops keeping output (keeping what fits of the stream that crosses the
+cap) but still reads the messages that end the execution, and says `truncated: true`; it says
+so too when the Jupyter server's iopub rate limit dropped output.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Any
 # Messages that say how the execution ends: always kept, whatever the output cap.
 _CONTROL_TYPES = frozenset({"execute_reply", "status", "execute_input"})
 _OUTPUT_TYPES = frozenset({"execute_result", "display_data"})
+# What jupyter_server writes to stderr when its iopub rate limit drops output.
+_RATE_LIMIT_NOTICES = ("IOPub data rate exceeded", "IOPub message rate exceeded")
 
 
 class ExecutionResult:
     """The answer to one execution, built message by message."""
 
-    def __init__(self, msg_id: str, max_output_bytes: int) -> None:
-        self.msg_id = msg_id
+    def __init__(self, max_output_bytes: int) -> None:
         self.max_output_bytes = max_output_bytes
         self.kept_bytes = 0
         self.messages: list[dict[str, Any]] = []
@@ -46,14 +48,25 @@ class ExecutionResult:
             self.idle = True
         if msg_type not in _CONTROL_TYPES:
             # Once anything was dropped, drop everything after it: no holes in the output.
-            if self.truncated or self.kept_bytes + size > self.max_output_bytes:
+            room = 0 if self.truncated else self.max_output_bytes - self.kept_bytes
+            if size > room:
                 self.truncated = True
-                return
+                if msg_type != "stream" or room <= 0:
+                    return
+                # Keep what fits of a stream that crosses the cap: the start of a big print.
+                content = {**content, "text": str(content.get("text", ""))[:room]}
+                message = {**message, "content": content}
+                size = room
             self.kept_bytes += size
         self.messages.append(message)
         if msg_type == "stream":
-            target = self.stderr if content.get("name") == "stderr" else self.stdout
-            target.append(str(content.get("text", "")))
+            text = str(content.get("text", ""))
+            if content.get("name") == "stderr":
+                self.stderr.append(text)
+                if text.startswith(_RATE_LIMIT_NOTICES):
+                    self.truncated = True  # the Jupyter server dropped output
+            else:
+                self.stdout.append(text)
         elif msg_type in _OUTPUT_TYPES:
             self.outputs.append({
                 "type": msg_type,

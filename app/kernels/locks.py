@@ -1,0 +1,102 @@
+"""Per-kernel locks that serialize executions across the threads *and* processes of a host.
+
+A kernel runs one cell at a time, so requests for it queue anyway; queueing them here rather
+than in the kernel means that a request whose deadline passes while it waits has not started,
+and interrupting the kernel at a deadline can only ever stop the caller's own code.
+
+Lock story: a `threading.Lock` per kernel id hands the kernel from thread to thread within a
+process; an `flock` on a file per kernel id (in a private directory) hands it between gunicorn
+workers. Both are taken with the caller's deadline. Where no private directory can be had, the
+lock is process-wide only, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.005
+
+
+class KernelLocks:
+    """The locks of the kernels of one Jupyter server (named by its URL)."""
+
+    def __init__(self, server_url: str) -> None:
+        self._guard = threading.Lock()
+        self._threads: dict[str, tuple[threading.Lock, int]] = {}
+        self._directory = _private_directory(server_url)
+
+    @contextmanager
+    def hold(self, kernel_id: str, deadline: float) -> Iterator[bool]:
+        """Holds the kernel's lock (yields True), or yields False if `deadline` passes first."""
+        with self._guard:
+            lock, users = self._threads.get(kernel_id, (threading.Lock(), 0))
+            self._threads[kernel_id] = (lock, users + 1)
+        try:
+            if not lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                yield False
+                return
+            try:
+                with self._file_lock(kernel_id, deadline) as acquired:
+                    yield acquired
+            finally:
+                lock.release()
+        finally:
+            with self._guard:
+                lock, users = self._threads[kernel_id]
+                if users > 1:
+                    self._threads[kernel_id] = (lock, users - 1)
+                else:
+                    del self._threads[kernel_id]
+
+    def forget(self, kernel_id: str) -> None:
+        """Removes a shut-down kernel's lock file."""
+        if self._directory is not None:
+            (self._directory / f"{kernel_id}.lock").unlink(missing_ok=True)
+
+    @contextmanager
+    def _file_lock(self, kernel_id: str, deadline: float) -> Iterator[bool]:
+        if self._directory is None:
+            yield True
+            return
+        fd = os.open(self._directory / f"{kernel_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(POLL_SECONDS)
+            yield True
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _private_directory(server_url: str) -> Path | None:
+    """A directory only this user can write, for this server's lock files."""
+    digest = hashlib.sha256(server_url.encode()).hexdigest()[:16]
+    top = Path(tempfile.gettempdir()) / f"jupyter-kernel-proxy-{os.getuid()}"
+    path = top / digest
+    try:
+        top.mkdir(mode=0o700, exist_ok=True)
+        info = top.lstat()  # lstat: a symlink planted by another user is refused below
+        if not top.is_dir() or top.is_symlink() or info.st_uid != os.getuid() \
+                or info.st_mode & 0o077:
+            raise PermissionError(f"{top} is not a private directory")
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as err:
+        log.warning("kernel locks are per process only: %s", err)
+        return None
+    return path

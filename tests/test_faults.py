@@ -1,0 +1,258 @@
+"""Faults a client meets for real: runaway code, huge output, dead kernels, a Jupyter server
+that goes away and comes back, connections cut mid-cell, concurrent clients, a stopping proxy.
+Each answer must come quickly and truthfully, and the service must keep working after.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from app import create_app
+from app.embedded import EmbeddedJupyterServer, free_port
+from tests.conftest import post
+from tests.forwarder import TcpForwarder
+
+
+def run(http, kernel_id: str, code: str, **extra) -> dict:
+    status, answer = post(http, "/execute_code", {"id": kernel_id, "code": code, **extra})
+    assert status == 200, answer
+    return answer
+
+
+def value(answer: dict) -> str:
+    return answer["outputs"][0]["data"]["text/plain"]
+
+
+# -- runaway code ---------------------------------------------------------------------------
+
+def test_busy_loop_is_interrupted_at_its_deadline_and_state_is_kept(http, kernel):
+    run(http, kernel, "y = 7")
+    started = time.monotonic()
+    answer = run(http, kernel, "while True:\n    pass", timeout=2)
+    assert time.monotonic() - started < 8
+    assert answer["status"] == "timeout"
+    assert "interrupted and keeps its state" in answer["error"]["evalue"]
+    assert value(run(http, kernel, "y")) == "7"
+
+
+def test_kernel_that_ignores_interrupts_is_restarted(http, kernel):
+    code = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "print('stubborn', flush=True)\ntime.sleep(120)")
+    run(http, kernel, "z = 1")
+    started = time.monotonic()
+    answer = run(http, kernel, code, timeout=2)
+    assert time.monotonic() - started < 30
+    assert answer["status"] == "timeout"
+    assert "restarted" in answer["error"]["evalue"]
+    assert answer["stdout"] == "stubborn\n"
+    answer = run(http, kernel, "z")  # a fresh kernel under the same id
+    assert answer["error"]["ename"] == "NameError"
+
+
+@pytest.mark.parametrize("code", ["input()", "import getpass; getpass.getpass()"])
+def test_code_asking_for_input_fails_at_once(http, shared_kernel, code):
+    started = time.monotonic()
+    answer = run(http, shared_kernel, code, timeout=30)
+    assert time.monotonic() - started < 5
+    assert answer["status"] == "error"
+    assert answer["error"]["ename"] == "StdinNotImplementedError"
+
+
+# -- output -----------------------------------------------------------------------------
+
+def test_five_thousand_prints_arrive_complete_and_in_order(http, shared_kernel):
+    answer = run(http, shared_kernel, "for i in range(5000):\n    print(i)")
+    assert answer["stdout"] == "".join(f"{i}\n" for i in range(5000))
+    assert answer["truncated"] is False
+
+
+def test_thirty_megabyte_print_is_capped_and_the_kernel_survives(settings, kernel):
+    http = create_app(settings.replace(max_output_bytes=1024 * 1024)).test_client()
+    answer = run(http, kernel, "print('x' * 30_000_000)\nprint('after')", timeout=60)
+    assert answer["status"] == "ok"
+    assert answer["truncated"] is True
+    assert answer["stdout"].startswith("x" * 1000)
+    assert len(answer["stdout"]) <= 1024 * 1024
+    assert value(run(http, kernel, "6 * 7")) == "42"
+
+
+def test_output_dropped_by_the_servers_rate_limit_is_reported_as_truncated(settings):
+    with EmbeddedJupyterServer(limit_rate=True) as server:
+        limited = settings.replace(server_url=server.url, token=server.token)
+        http = create_app(limited).test_client()
+        kernel_id = http.post("/start_kernel").get_json()["id"]
+        answer = run(http, kernel_id, "print('x' * 30_000_000)", timeout=60)
+        assert answer["truncated"] is True
+        assert "IOPub data rate exceeded" in answer["stderr"]
+
+
+# -- dead kernels ---------------------------------------------------------------------------
+
+def test_segfault_is_reported_as_crashed_within_seconds(http, kernel):
+    started = time.monotonic()
+    answer = run(http, kernel, "import ctypes; ctypes.string_at(0)", timeout=60)
+    assert time.monotonic() - started < 15
+    assert answer["status"] == "crashed"
+    assert value(run(http, kernel, "1 + 1")) == "2"
+
+
+# -- the Jupyter server goes away and comes back -----------------------------------------------
+
+def test_server_stopped_then_restarted_is_503_then_served_again(settings):
+    port = free_port()
+    server = EmbeddedJupyterServer(port=port).start()
+    app_settings = settings.replace(server_url=server.url, token=server.token, timeout_connect=2)
+    http = create_app(app_settings).test_client()
+    kernel_id = http.post("/start_kernel").get_json()["id"]
+    assert value(run(http, kernel_id, "1 + 1")) == "2"  # warm pooled connections exist now
+
+    server.stop()
+    for path, body in [("/start_kernel", None), ("/execute_code", {"id": kernel_id, "code": "1"}),
+                       ("/shutdown_kernel", {"id": kernel_id})]:
+        started = time.monotonic()
+        response = http.post(path, json=body)
+        assert response.status_code == 503, response.get_json()
+        assert time.monotonic() - started < app_settings.timeout_connect * 3 + 5
+
+    server = EmbeddedJupyterServer(port=port, token=server.token).start()
+    try:
+        kernel_id = http.post("/start_kernel").get_json()["id"]
+        assert value(run(http, kernel_id, "2 + 2")) == "4"
+    finally:
+        server.stop()
+
+
+# -- connections cut mid-cell ------------------------------------------------------------------
+
+@pytest.fixture
+def forwarder(jupyter_server):
+    forwarder = TcpForwarder(int(jupyter_server.url.rsplit(":", 1)[1]))
+    yield forwarder
+    forwarder.close()
+
+
+def test_connection_cut_mid_cell_loses_nothing(settings, forwarder, kernel):
+    http = create_app(settings.replace(server_url=forwarder.url)).test_client()
+    code = "import time\nprint('a', flush=True)\ntime.sleep(2)\nprint('b')\n'done'"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run(http, kernel, code, timeout=30)))
+    thread.start()
+    time.sleep(1)
+    assert forwarder.cut() >= 1
+    thread.join(30)
+    assert result["status"] == "ok"
+    assert result["stdout"] == "a\nb\n"
+    assert value(result) == "'done'"
+    assert value(run(http, kernel, "3 * 3")) == "9"
+
+
+def test_connection_that_cannot_be_reopened_is_a_clear_error_and_kernel_stays_usable(
+        settings, forwarder, kernel, http):
+    proxied = create_app(settings.replace(server_url=forwarder.url)).test_client()
+    result: dict = {}
+
+    def execute() -> None:
+        response = proxied.post("/execute_code", json={
+            "id": kernel, "code": "import time; time.sleep(3)", "timeout": 30})
+        result.update(status=response.status_code, body=response.get_json())
+
+    thread = threading.Thread(target=execute)
+    thread.start()
+    time.sleep(1)
+    forwarder.close()  # cut, and refuse new connections from now on
+    thread.join(30)
+    assert not thread.is_alive()
+    assert result["status"] in (502, 503)
+    assert result["body"]["error"] in ("upstream_connection_lost", "upstream_unavailable")
+    assert value(run(http, kernel, "5 * 5")) == "25"  # directly: the kernel is fine
+
+
+# -- concurrent clients, through the real service ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def service(jupyter_server):
+    from tests.conftest import ProxyProcess
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env["JUPYTER_TOKEN"] = jupyter_server.token
+    proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2",
+                          "--threads", "8"], env)
+    proxy.wait_until_serving()
+    yield proxy
+    proxy.stop()
+
+
+def remote(url: str, kernel_id: str, code: str, **extra) -> dict:
+    response = requests.post(f"{url}/execute_code",
+                             json={"id": kernel_id, "code": code, **extra}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_sixteen_clients_on_four_kernels_each_get_their_own_output(service):
+    kernels = [requests.post(f"{service.url}/start_kernel", timeout=60).json()["id"]
+               for _ in range(4)]
+
+    def client(n: int) -> list[str]:
+        return [remote(service.url, kernels[n % 4], f"print('client {n} call {i}')")["stdout"]
+                for i in range(5)]
+
+    with ThreadPoolExecutor(16) as pool:
+        outputs = list(pool.map(client, range(16)))
+    for n, got in enumerate(outputs):
+        assert got == [f"client {n} call {i}\n" for i in range(5)]
+    for kernel_id in kernels:
+        requests.post(f"{service.url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+
+
+def test_eight_threads_on_one_kernel_across_workers_each_get_their_own_output(service):
+    kernel_id = requests.post(f"{service.url}/start_kernel", timeout=60).json()["id"]
+
+    def call(n: int) -> str:
+        return remote(service.url, kernel_id, f"print({n})")["stdout"]
+
+    with ThreadPoolExecutor(8) as pool:
+        outputs = list(pool.map(call, range(40)))
+    assert outputs == [f"{n}\n" for n in range(40)]
+    requests.post(f"{service.url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+
+
+def test_deadline_while_queued_neither_interrupts_nor_runs_later(service):
+    kernel_id = requests.post(f"{service.url}/start_kernel", timeout=60).json()["id"]
+    remote(service.url, kernel_id, "events = []")
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(remote, service.url, kernel_id,
+                           "import time; time.sleep(3); events.append('long')", timeout=30)
+        time.sleep(0.5)
+        short = pool.submit(remote, service.url, kernel_id, "events.append('short')",
+                            timeout=1)
+        assert short.result()["status"] == "timeout"
+        assert "did not run" in short.result()["error"]["evalue"]
+        assert long.result()["status"] == "ok"  # not interrupted by the other's deadline
+    time.sleep(0.5)
+    # The timed-out code was never sent, so it cannot run behind the caller's back.
+    assert value(remote(service.url, kernel_id, "events")) == "['long']"
+    requests.post(f"{service.url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+
+
+# -- stopping the proxy -------------------------------------------------------------------------
+
+def test_sigterm_lets_a_running_execution_finish(start_proxy, jupyter_server):
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
+                        env={"JUPYTER_TOKEN": jupyter_server.token})
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(remote, proxy.url, kernel_id,
+                              "import time; time.sleep(3); print('finished')")
+        time.sleep(1)
+        proxy.process.send_signal(signal.SIGTERM)
+        answer = pending.result(timeout=60)
+    assert answer["status"] == "ok" and answer["stdout"] == "finished\n"
+    assert proxy.process.wait(30) == 0
