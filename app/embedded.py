@@ -94,13 +94,15 @@ class EmbeddedJupyterServer:
                 env=env, cwd=self.root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # our Ctrl-C is ours to handle: stop() stops it in order
             )
-        self.logger.info("embedded jupyter server starting", server_pid=self.process.pid, url=self.url)
+        self.logger.info("embedded jupyter server starting", server_pid=self.process.pid,
+                         url=self.url)
         try:
             self._wait_until_serving()
         except BaseException:
             self.stop()
             raise
-        self.logger.info("embedded jupyter server ready", server_pid=self.process.pid, url=self.url)
+        self.logger.info("embedded jupyter server ready", server_pid=self.process.pid,
+                         url=self.url)
         return self
 
     def _wait_until_serving(self) -> None:

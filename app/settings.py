@@ -65,7 +65,8 @@ class Settings:
         level = LOG_LEVELS.get(str(self.log_level).upper())
         if level is None:
             raise SettingsError(
-                f"JUPYTER_LOG_LEVEL must be one of DEBUG, INFO, WARN, ERROR (got {self.log_level!r})"
+                "JUPYTER_LOG_LEVEL must be one of DEBUG, INFO, WARN, ERROR "
+                f"(got {self.log_level!r})"
             )
         object.__setattr__(self, "log_level", level)
         for name in ("timeout_connect", "timeout_total", "execution_timeout",
