@@ -1,30 +1,38 @@
 """gunicorn settings for jupyter-kernel-proxy.
 
-Read by `jupyter-kernel-proxy` (its flags override these) and by a plain
-`gunicorn -c gunicorn.conf.py wsgi:app`. Values come from the environment where an operator
-is likely to tune them.
+Read by `jupyter-kernel-proxy` (its flags win over these) and by a plain
+`gunicorn -c gunicorn.conf.py`. Values come from the proxy's settings: `JUPYTER_*` variables in
+the environment or in `.env`, validated with a clear message.
 """
 
-import os
+import sys
 
-# The app: `wsgi.py` builds it with `create_app()` from the JUPYTER_* environment.
+from app.kernels.execution import INTERRUPT_GRACE_SECONDS
+from app.settings import Settings, SettingsError, environment_with_dotenv
+
+try:
+    _settings = Settings.from_environment(environment_with_dotenv(".env"))
+except SettingsError as err:
+    sys.exit(f"jupyter-kernel-proxy: {err}")
+
+# The app: `wsgi.py` builds it with `create_app()` from the same settings.
 wsgi_app = "wsgi:app"
 
 # Loopback by default: this service runs arbitrary code for whoever reaches it.
-bind = os.environ.get("JUPYTER_PROXY_BIND", "127.0.0.1:8000")
+bind = _settings.proxy_bind
 
 # gthread: each worker serves `threads` requests at once; an execution blocks one thread for
 # as long as the code runs, so threads bound how many executions a worker runs in parallel.
 worker_class = "gthread"
-workers = int(os.environ.get("JUPYTER_PROXY_WORKERS", "2"))
-threads = int(os.environ.get("JUPYTER_PROXY_THREADS", "8"))
+workers = _settings.proxy_workers
+threads = _settings.proxy_threads
 
 # gthread workers heartbeat from their main loop, so `timeout` does not limit how long a
 # request may run; it only catches a worker whose main loop is stuck.
 timeout = 30
 
-# On SIGTERM let in-flight executions finish: their deadline plus a margin.
-graceful_timeout = int(float(os.environ.get("JUPYTER_EXECUTION_TIMEOUT", "300"))) + 15
+# On SIGTERM let in-flight executions run to their deadline, be interrupted and answer.
+graceful_timeout = int(_settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10
 
 # Longer than nginx's upstream keepalive_timeout (60 s by default), so that gunicorn never
 # closes a kept-alive connection that nginx is about to reuse.
@@ -34,8 +42,7 @@ keepalive = 75
 # request itself, with its duration and kernel id.
 logger_class = "app.logs.GunicornLogger"
 errorlog = "-"
-_level = os.environ.get("JUPYTER_LOG_LEVEL", "info").lower()
-loglevel = "warning" if _level == "warn" else _level
+loglevel = _settings.log_level.lower()
 
 # gunicorn 25+ opens a control socket shared by every gunicorn of the user
 # (~/.gunicorn/gunicorn.ctl); two proxies on one machine would collide on it.

@@ -5,9 +5,10 @@ Reads `.env` from the working directory (the environment wins over it), then bui
 
 from dotenv import load_dotenv
 
-from app import create_app
+from app import Settings, create_app
 from app.logs import configure_logging
 
 load_dotenv(".env")
-app = create_app()
-configure_logging(app.config["SETTINGS"].log_level, app.config["SETTINGS"].secrets)
+settings = Settings.from_environment()
+configure_logging(settings.log_level, settings.secrets)
+app = create_app(settings)

@@ -39,7 +39,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         settings = Settings.from_environment(**dict(config or {}))
     app = Flask(__name__)
     app.config.update(SETTINGS=settings, VERSION=__version__,
-                      MAX_CONTENT_LENGTH=settings.max_request_bytes)
+                      MAX_CONTENT_LENGTH=settings.max_request_bytes,
+                      PROVIDE_AUTOMATIC_OPTIONS=False)  # OPTIONS gets the JSON 405 too
     app.json.sort_keys = False
     logger = StructuredLogger("app")
     client = JupyterClient(settings, logger.child("upstream"))

@@ -19,7 +19,12 @@ from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
 from app.settings import Settings, SettingsError, environment_with_dotenv
 
-DEFAULT_GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+# The project's gunicorn.conf.py: next to the package in a source checkout (editable install),
+# else where a wheel installs it.
+GUNICORN_CONFIG_PLACES = (
+    Path(__file__).resolve().parent.parent / "gunicorn.conf.py",
+    Path(sys.prefix) / "share" / "jupyter-kernel-proxy" / "gunicorn.conf.py",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "environment: a command line is visible to other users)")
     parser.add_argument("--embedded", action="store_true",
                         help="start a private Jupyter server on loopback and use it")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on "
-                        "(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on "
-                        "(default: %(default)s)")
+    parser.add_argument("--host", help="address to listen on (default: 127.0.0.1, or the "
+                        "host of JUPYTER_PROXY_BIND)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: 8000, or the "
+                        "port of JUPYTER_PROXY_BIND)")
     parser.add_argument("--workers", type=int, help="gunicorn worker processes "
                         "(default: JUPYTER_PROXY_WORKERS or 2)")
     parser.add_argument("--threads", type=int, help="threads per worker "
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARN or ERROR (JUPYTER_LOG_LEVEL)")
     parser.add_argument("--env-file", default=".env", help="dotenv file to read "
                         "(default: %(default)s, if present)")
-    parser.add_argument("--gunicorn-config", default=str(DEFAULT_GUNICORN_CONFIG),
+    parser.add_argument("--gunicorn-config",
                         help="gunicorn config file (default: the project's gunicorn.conf.py)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.embedded and args.server_url:
         parser.error("--embedded starts its own Jupyter server: leave out --server-url")
-    if not 0 < args.port < 65536:
+    if args.port is not None and not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535 (got {args.port})")
     for name in ("workers", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -94,20 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_environment(environment_with_dotenv(args.env_file),
                                              server_url=args.server_url, token=args.token,
-                                             log_level=args.log_level)
+                                             log_level=args.log_level,
+                                             proxy_workers=args.workers,
+                                             proxy_threads=args.threads)
     except SettingsError as err:
         print(f"jupyter-kernel-proxy: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.secrets)
     log = StructuredLogger("app.cli")
-    config_file = args.gunicorn_config if Path(args.gunicorn_config).is_file() else None
-    if config_file is None:
-        log.warning("gunicorn config file not found; using built-in defaults",
-                    path=args.gunicorn_config)
+    config_file = args.gunicorn_config or next(
+        (str(p) for p in GUNICORN_CONFIG_PLACES if p.is_file()), None)
+    if config_file is None or not Path(config_file).is_file():
+        log.warning("gunicorn config file not found; using the proxy's own defaults",
+                    path=config_file)
+        config_file = None
+    default_host, _, default_port = settings.proxy_bind.rpartition(":")
+    host, port = (args.host or default_host).strip("[]"), args.port or int(default_port)
+    # The settings that matter are set here too, so that the proxy runs right without a file.
     options: dict[str, Any] = {
-        "bind": [f"[{args.host}]:{args.port}" if ":" in args.host else
-                 f"{args.host}:{args.port}"],
+        "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
         "worker_class": "gthread",
+        "workers": settings.proxy_workers,
+        "threads": settings.proxy_threads,
         "logger_class": "app.logs.GunicornLogger",
         "control_socket_disable": True,
         "loglevel": settings.log_level.lower(),
@@ -115,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         # On SIGTERM, in-flight executions may run to their deadline and be interrupted.
         "graceful_timeout": math.ceil(settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10,
     }
-    options.update({k: getattr(args, k) for k in ("workers", "threads")
-                    if getattr(args, k) is not None})
     master_pid = os.getpid()
     embedded = None
     try:

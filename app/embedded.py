@@ -8,6 +8,8 @@ token, goes to a private file instead of our output.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import secrets
 import shutil
@@ -22,6 +24,8 @@ from pathlib import Path
 import requests
 
 from app.logs import StructuredLogger, redact
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 # Variables of ours that a kernel must never be able to read from its environment.
 PRIVATE_VARIABLES = ("JUPYTER_TOKEN", "JUPYTER_PROXY_API_KEY")
@@ -93,6 +97,7 @@ class EmbeddedJupyterServer:
                 [sys.executable, "-m", "jupyter_server", f"--config={config}"],
                 env=env, cwd=self.root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # our Ctrl-C is ours to handle: stop() stops it in order
+                preexec_fn=_die_with_parent,
             )
         self.logger.info("embedded jupyter server starting", server_pid=self.process.pid,
                          url=self.url)
@@ -151,6 +156,17 @@ class EmbeddedJupyterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the proxy dies, even by SIGKILL,
+    so that the server (and, through ipykernel's parent polling, its kernels) never outlives it.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() still stops the server on every orderly exit
 
 
 def free_port() -> int:

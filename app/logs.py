@@ -76,18 +76,15 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = (),
 class StructuredLogger:
     """A logger that takes context as keywords: `log.info("kernel started", kernel_id=k)`.
 
-    If nothing has configured logging when it is created, it sends JSON lines to stderr itself,
-    so a script using the Python API gets structured logs without further set-up.
+    If nothing has configured logging when it first logs, it sends JSON lines to stderr
+    itself, so a script using the Python API gets structured logs without further set-up;
+    `configure_logging()` replaces that fallback.
     """
 
     def __init__(self, name: str = "app", level: str | None = None) -> None:
         self.logger = logging.getLogger(name)
         if level:
             self.logger.setLevel(LOG_LEVELS.get(level.upper(), level.upper()))
-        if not self.logger.hasHandlers():
-            handler = logging.StreamHandler()
-            handler.setFormatter(JsonFormatter())
-            self.logger.addHandler(handler)
 
     def child(self, name: str) -> StructuredLogger:
         """A logger for a sub-component, sharing this one's handlers."""
@@ -95,6 +92,8 @@ class StructuredLogger:
 
     def log(self, level: int, message: str, exc_info: Any = None, **context: Any) -> None:
         """Logs `message` at `level` with `context` as extra JSON fields."""
+        if not self.logger.hasHandlers():
+            _install_fallback_handler()
         self.logger.log(level, message, exc_info=exc_info, extra={"context": context})
 
     def debug(self, message: str, **context: Any) -> None:
@@ -116,6 +115,15 @@ class StructuredLogger:
     def exception(self, message: str, **context: Any) -> None:
         """Logs at ERROR with the current exception's traceback."""
         self.log(logging.ERROR, message, exc_info=True, **context)
+
+
+def _install_fallback_handler() -> None:
+    """What `logging.basicConfig(level=INFO)` would do, in JSON."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 class GunicornLogger(_GunicornBaseLogger):

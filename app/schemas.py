@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import g, request
+from flask import current_app, g, request
 from marshmallow import Schema, ValidationError, fields, validate, validates
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.kernels.errors import InvalidRequest
 from app.kernels.manager import check_kernel_id
@@ -21,10 +22,23 @@ class StrictFloat(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class Text(fields.String):
+    """A string that can be sent on: lone surrogates (JSON `\\ud800`) are not text."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("Not valid Unicode text (it holds a lone surrogate).") \
+                from None
+        return text
+
+
 class KernelIdSchema(Schema):
     """`{"id": "<kernel uuid>"}`."""
 
-    id = fields.String(required=True)
+    id = Text(required=True)
 
     @validates("id")
     def _canonical_uuid(self, value: str, **_: Any) -> None:
@@ -37,13 +51,13 @@ class KernelIdSchema(Schema):
 class StartKernelSchema(Schema):
     """`{"name": "<kernel spec>"}`, every field optional."""
 
-    name = fields.String(validate=validate.Length(min=1, max=255))
+    name = Text(validate=validate.Length(min=1, max=255))
 
 
 class ExecuteCodeSchema(KernelIdSchema):
     """`{"id", "code", "timeout"?}`."""
 
-    code = fields.String(required=True)
+    code = Text(required=True)
     timeout = StrictFloat(allow_nan=False, validate=validate.Range(min=0, min_inclusive=False))
 
 
@@ -58,11 +72,15 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
     before the view ran (415).
     """
     raw = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A chunked body is cut at the limit without an error: treat reaching it as too large.
+        raise RequestEntityTooLarge()
     if not raw.strip() and optional:
         return schema.load({})
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")

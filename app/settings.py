@@ -43,6 +43,9 @@ class Settings:
     kernel_start_timeout: float = 60.0
     max_request_bytes: int = 10 * MIB
     max_output_bytes: int = 10 * MIB
+    proxy_bind: str = "127.0.0.1:8000"
+    proxy_workers: int = 2
+    proxy_threads: int = 8
 
     def __post_init__(self) -> None:
         url = str(self.server_url).strip().rstrip("/")
@@ -75,6 +78,12 @@ class Settings:
         _require(self, "crash_sleep_duration", lambda v: v >= 0, "a number of seconds, 0 or more")
         for name in ("max_request_bytes", "max_output_bytes"):
             _require(self, name, lambda v: v > 0, "a whole number of bytes greater than 0")
+        for name in ("proxy_workers", "proxy_threads"):
+            _require(self, name, lambda v: v >= 1, "a whole number, 1 or more")
+        host, _, port = str(self.proxy_bind).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError("JUPYTER_PROXY_BIND must be HOST:PORT, e.g. 127.0.0.1:8000 "
+                                f"(got {self.proxy_bind!r})")
         if self.execution_timeout > self.max_execution_timeout:
             raise SettingsError(
                 "JUPYTER_EXECUTION_TIMEOUT must not exceed JUPYTER_MAX_EXECUTION_TIMEOUT "

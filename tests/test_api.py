@@ -202,6 +202,19 @@ def test_body_that_is_not_a_json_object_is_400(http, path, data):
     assert_error(response, 400, "invalid_request")
 
 
+def test_code_that_is_not_valid_unicode_is_400(http, shared_kernel):
+    response = http.post("/execute_code", data=f'{{"id": "{shared_kernel}", "code": "\\ud800"}}',
+                         content_type="application/json")
+    body = assert_error(response, 400, "invalid_request")
+    assert "code" in body["details"]["fields"]
+
+
+def test_deeply_nested_json_is_400(http):
+    data = '{"id": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert_error(http.post("/execute_code", data=data, content_type="application/json"), 400,
+                 "invalid_request")
+
+
 def test_execute_without_body_is_400(http):
     assert_error(http.post("/execute_code", content_type="application/json"), 400,
                  "invalid_request")
@@ -241,7 +254,8 @@ def test_unknown_route_is_404_json(http):
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/start_kernel"), ("GET", "/execute_code"),
-                                          ("PUT", "/shutdown_kernel"), ("POST", "/health")])
+                                          ("PUT", "/shutdown_kernel"), ("POST", "/health"),
+                                          ("OPTIONS", "/execute_code")])
 def test_wrong_method_is_405_json(http, method, path):
     response = http.open(path, method=method)
     assert_error(response, 405, "method_not_allowed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,9 +113,20 @@ def test_sigint_stops_the_embedded_server_and_its_kernels(start_proxy):
     assert wait_gone([server_pid, kernel_pid]) == []
 
 
+def test_embedded_server_dies_with_a_killed_proxy(start_proxy):
+    proxy = start_proxy("--embedded", "--workers", "1")
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    kernel_pid = int(execute(proxy.url, kernel_id, "import os; os.getpid()")
+                     ["outputs"][0]["data"]["text/plain"])
+    server_pid = embedded_server_pid(proxy)
+    proxy.stop(signal.SIGKILL)
+    assert wait_gone([server_pid, kernel_pid]) == []
+
+
 def test_settings_come_from_a_dotenv_file(tmp_path, jupyter_server):
     (tmp_path / ".env").write_text(
-        f"JUPYTER_SERVER_URL={jupyter_server.url}\nJUPYTER_TOKEN={jupyter_server.token}\n")
+        f"JUPYTER_SERVER_URL={jupyter_server.url}\nJUPYTER_TOKEN={jupyter_server.token}\n"
+        "JUPYTER_PROXY_WORKERS=1\nJUPYTER_PROXY_THREADS=3\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
     proxy = ProxyProcess(["--env-file", str(tmp_path / ".env")], env)
     try:
@@ -122,13 +134,67 @@ def test_settings_come_from_a_dotenv_file(tmp_path, jupyter_server):
         response = requests.post(f"{proxy.url}/start_kernel", timeout=60)
         assert response.status_code == 200
         requests.post(f"{proxy.url}/shutdown_kernel", json=response.json(), timeout=30)
+        booted = [line for line in proxy.log_lines()
+                  if line["message"].startswith("Booting worker")]
+        assert len(booted) == 1
     finally:
         proxy.stop()
+
+
+def test_plain_gunicorn_with_the_config_file_logs_each_line_once(jupyter_server):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env.update(JUPYTER_SERVER_URL=jupyter_server.url, JUPYTER_TOKEN=jupyter_server.token,
+               JUPYTER_PROXY_BIND=f"127.0.0.1:{port}", JUPYTER_PROXY_WORKERS="1")
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+                                env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url)
+        requests.post(f"{url}/shutdown_kernel",
+                      json={"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"}, timeout=30)
+    finally:
+        gunicorn.terminate()
+        output = gunicorn.communicate(timeout=60)[1]
+    requests_logged = [json.loads(line) for line in output.splitlines()
+                       if '"message": "request"' in line]
+    assert [entry["path"] for entry in requests_logged].count("/shutdown_kernel") == 1
+    assert jupyter_server.token not in output
+
+
+def wait_for_health(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not serve within {timeout} s")
+
+
+def test_chunked_body_over_the_limit_is_413(start_proxy, jupyter_server):
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
+                        env={"JUPYTER_TOKEN": jupyter_server.token,
+                             "JUPYTER_MAX_REQUEST_BYTES": "1000"})
+    body = b'{"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "code": "1"}' + b" " * 5000
+
+    def chunks():
+        for start in range(0, len(body), 500):
+            yield body[start:start + 500]
+
+    response = requests.post(f"{proxy.url}/execute_code", data=chunks(), timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"] == "request_too_large"
 
 
 @pytest.mark.parametrize("args, env, complaint", [
     ([], {"JUPYTER_TIMEOUT_TOTAL": "soon"}, "JUPYTER_TIMEOUT_TOTAL"),
     ([], {"JUPYTER_EXECUTION_TIMEOUT": "-1"}, "JUPYTER_EXECUTION_TIMEOUT"),
+    ([], {"JUPYTER_PROXY_WORKERS": "abc"}, "JUPYTER_PROXY_WORKERS"),
+    ([], {"JUPYTER_PROXY_BIND": "nowhere"}, "JUPYTER_PROXY_BIND"),
     (["--server-url", "ftp://example"], {}, "JUPYTER_SERVER_URL"),
     (["--log-level", "LOUD"], {}, "JUPYTER_LOG_LEVEL"),
     (["--embedded", "--server-url", "http://127.0.0.1:1"], {}, "--embedded"),
@@ -153,12 +219,7 @@ def test_flask_run_serves_the_app_for_development(jupyter_server):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
+        wait_for_health(url)
         kernel_id = requests.post(f"{url}/start_kernel", timeout=60).json()["id"]
         assert execute(url, kernel_id, "2 ** 10")["outputs"][0]["data"]["text/plain"] == "1024"
         requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)

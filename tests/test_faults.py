@@ -102,6 +102,21 @@ def test_segfault_is_reported_as_crashed_within_seconds(http, kernel):
     assert value(run(http, kernel, "1 + 1")) == "2"
 
 
+def test_kernel_shut_down_mid_cell_is_reported_at_once(http, manager):
+    kernel_id = manager.start_kernel()["id"]
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(
+        run(http, kernel_id, "import time; time.sleep(60)", timeout=50)))
+    thread.start()
+    time.sleep(1)
+    started = time.monotonic()
+    manager.shutdown_kernel(kernel_id)
+    thread.join(30)
+    assert time.monotonic() - started < 10
+    assert result["status"] == "crashed"
+    assert "shut down" in result["error"]["evalue"]
+
+
 # -- the Jupyter server goes away and comes back -----------------------------------------------
 
 def test_server_stopped_then_restarted_is_503_then_served_again(settings):

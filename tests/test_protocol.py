@@ -159,3 +159,23 @@ def test_decoded_message_with_null_content_can_be_read():
     decoded = protocol.decode(json.dumps(null_content))
     assert protocol.is_idle(decoded) is False
     assert protocol.kernel_death_state(decoded) is None
+
+
+def test_message_whose_type_is_not_a_string_is_refused():
+    bad = {"header": {"msg_type": ["status"]}, "parent_header": {}, "content": {}}
+    with pytest.raises(ValueError):
+        protocol.decode(json.dumps(bad))
+
+
+def test_odd_execution_states_are_neither_idle_nor_death():
+    odd = protocol.decode(json.dumps({"header": {"msg_type": "status"}, "parent_header": {},
+                                      "content": {"execution_state": ["dead"]}}))
+    assert not protocol.is_idle(odd)
+    assert protocol.kernel_death_state(odd) is None
+
+
+@pytest.mark.parametrize("restart, state", [(False, "shutdown"), (True, "restarting")])
+def test_broadcast_shutdown_reply_means_the_kernel_went_away(restart, state):
+    reply = {"header": {"msg_type": "shutdown_reply"}, "parent_header": {"msg_id": "other"},
+             "content": {"status": "ok", "restart": restart}, "channel": "iopub"}
+    assert protocol.kernel_death_state(protocol.decode(json.dumps(reply))) == state

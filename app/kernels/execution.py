@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from app.kernels import protocol
 from app.kernels.channel import KernelChannel
-from app.kernels.errors import ConnectionLost, KernelError
+from app.kernels.errors import ConnectionLost, KernelError, KernelNotFound
 
 INTERRUPT_GRACE_SECONDS = 5.0
 SETTLE_SECONDS = 2.0  # silence after the reply (or idle) that ends the wait for the other half
@@ -183,6 +183,8 @@ class _Run:
                 if attempt == RECONNECT_ATTEMPTS or self.clock() >= until:
                     raise
                 self._reconnect(until)
+                if self.death:
+                    return None
         return None
 
     def _reconnect(self, until: float) -> None:
@@ -192,6 +194,8 @@ class _Run:
         try:
             self.channel = self.kernel.connect(
                 self.session_id, max(min(self.connect_timeout, until - self.clock()), 0.1))
+        except KernelNotFound:
+            self.death = "shutdown"  # the kernel went away with the connection
         except KernelError as err:
             raise ConnectionLost("the connection to the Jupyter server broke during the "
                                  "execution and could not be reopened") from err
@@ -201,11 +205,13 @@ class _Run:
 
         A restarted kernel counts as back only once it answers a `kernel_info_request`.
         """
-        if self.death == "dead":
-            return "dead"
+        if self.death in ("dead", "shutdown"):
+            return self.death
         info_id = None
         while self.clock() < until:
             received = self._recv(until)
+            if self.death == "shutdown":
+                return "shutdown"
             if received is None:
                 continue
             message = received[0]
@@ -259,6 +265,10 @@ def _crash_error(state: str, crash_wait: float) -> dict[str, Any]:
                      "empty state",
         "dead": "the Jupyter server could not restart it: the kernel is gone",
     }.get(state, f"the Jupyter server was still restarting it after {crash_wait:g} s")
+    if state == "shutdown":
+        return {"ename": "KernelDied",
+                "evalue": "the kernel was shut down while running this code: it is gone",
+                "traceback": []}
     return {"ename": "KernelDied",
             "evalue": f"the kernel died while running this code and its state is lost; {after}",
             "traceback": []}

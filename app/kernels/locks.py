@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 0.005
+POLL_SECONDS = (0.001, 0.05)  # first and longest pause between tries of a busy file lock
 
 
 class KernelLocks:
@@ -69,6 +69,7 @@ class KernelLocks:
             yield True
             return
         fd = os.open(self._directory / f"{kernel_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        pause, longest = POLL_SECONDS
         try:
             while True:
                 try:
@@ -78,7 +79,8 @@ class KernelLocks:
                     if time.monotonic() >= deadline:
                         yield False
                         return
-                    time.sleep(POLL_SECONDS)
+                    time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+                    pause = min(pause * 2, longest)
             yield True
         finally:
             os.close(fd)  # closing the descriptor releases the flock

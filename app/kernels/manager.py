@@ -34,6 +34,17 @@ def check_kernel_id(kernel_id: str) -> str:
                          "'0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10'", field="id")
 
 
+def _check_text(value: str, field: str) -> None:
+    """Refuses what cannot be sent to the Jupyter server as text."""
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+            return
+    except UnicodeEncodeError:
+        pass
+    raise InvalidRequest(f"{field} must be valid Unicode text", field=field)
+
+
 class KernelManager:
     """Starts kernels, executes code on them and shuts them down, blocking, with deadlines."""
 
@@ -73,6 +84,7 @@ class KernelManager:
         """
         check_kernel_id(kernel_id)
         timeout = self._check_timeout(timeout)
+        _check_text(code, "code")
         started = time.monotonic()
         deadline = started + timeout
         result = ExecutionResult(self.settings.max_output_bytes)

@@ -78,6 +78,8 @@ def decode(frame: str | bytes) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
         raise ValueError("frame is not a Jupyter message")
     message.setdefault("msg_type", message["header"].get("msg_type"))
+    if not isinstance(message["msg_type"], str):
+        raise ValueError("message without a msg_type")
     for key in ("parent_header", "content", "metadata"):
         if not isinstance(message.get(key), dict):
             message[key] = {}
@@ -88,21 +90,30 @@ def decode(frame: str | bytes) -> dict[str, Any]:
 def parent_id(message: dict[str, Any]) -> str | None:
     """The `msg_id` of the request this message answers, if any."""
     parent = message.get("parent_header") or {}
-    return parent.get("msg_id") if isinstance(parent, dict) else None
+    return _text(parent.get("msg_id")) if isinstance(parent, dict) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def is_idle(message: dict[str, Any]) -> bool:
     """True for an iopub `status: idle`."""
     return message.get("msg_type") == "status" and \
-        message.get("content", {}).get("execution_state") == "idle"
+        _text(message["content"].get("execution_state")) == "idle"
 
 
 def kernel_death_state(message: dict[str, Any]) -> str | None:
-    """`restarting` or `dead` when this is the server announcing that the kernel died.
+    """How this message says the kernel died or went away, if it does.
 
-    The server sends these itself, with no parent, when its restarter finds the kernel gone.
+    - `restarting`/`dead`: the server's restarter found the kernel dead (a parentless status).
+    - `shutdown`: the kernel was shut down by someone (its `shutdown_reply`, broadcast on
+      iopub); a shutdown for a restart counts as `restarting`.
     """
-    if message.get("msg_type") != "status" or parent_id(message):
+    msg_type = message.get("msg_type")
+    if msg_type == "shutdown_reply" and message.get("channel") == "iopub":
+        return "restarting" if message["content"].get("restart") is True else "shutdown"
+    if msg_type != "status" or parent_id(message):
         return None
-    state = message.get("content", {}).get("execution_state")
+    state = _text(message["content"].get("execution_state"))
     return state if state in DEATH_STATES else None
