@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import atexit
 import time
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -44,7 +45,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     logger = StructuredLogger("app")
     client = JupyterClient(settings, logger.child("upstream"))
-    app.extensions["kernel_manager"] = KernelManager(client, logger.child("kernels"))
+    manager = KernelManager(client, logger.child("kernels"))
+    app.extensions["kernel_manager"] = manager
+    if settings.pool_size:
+        manager.warm_up()
+        atexit.register(manager.close)  # pooled kernels go when the worker goes
     _log_requests(app, logger.child("requests"))  # first, so that refusals are timed too
     register_error_handlers(app)
     register_guards(app)

@@ -19,6 +19,9 @@ from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
 from app.settings import Settings, SettingsError, environment_with_dotenv
 
+# An embedded server is ours alone: keep a ready kernel per worker unless told otherwise.
+EMBEDDED_POOL_SIZE = 1
+
 # The project's gunicorn.conf.py: next to the package in a source checkout (editable install),
 # else where a wheel installs it.
 GUNICORN_CONFIG_PLACES = (
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: JUPYTER_PROXY_WORKERS or 2)")
     parser.add_argument("--threads", type=int, help="threads per worker "
                         "(default: JUPYTER_PROXY_THREADS or 8)")
+    parser.add_argument("--pool-size", type=int, help="ready kernels each worker keeps "
+                        f"(JUPYTER_POOL_SIZE; default 0, or {EMBEDDED_POOL_SIZE} with --embedded)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARN or ERROR (JUPYTER_LOG_LEVEL)")
     parser.add_argument("--env-file", default=".env", help="dotenv file to read "
                         "(default: %(default)s, if present)")
@@ -67,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("workers", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.pool_size is not None and args.pool_size < 0:
+        parser.error("--pool-size must be 0 or more")
     return args
 
 
@@ -96,12 +103,15 @@ class ProxyApplication(Application):
 def main(argv: list[str] | None = None) -> int:
     """Runs the proxy until SIGINT or SIGTERM; returns the exit status."""
     args = parse_args(argv)
+    environ = environment_with_dotenv(args.env_file)
+    pool_size = args.pool_size
+    if pool_size is None and args.embedded and "JUPYTER_POOL_SIZE" not in environ:
+        pool_size = EMBEDDED_POOL_SIZE
     try:
-        settings = Settings.from_environment(environment_with_dotenv(args.env_file),
-                                             server_url=args.server_url, token=args.token,
-                                             log_level=args.log_level,
+        settings = Settings.from_environment(environ, server_url=args.server_url,
+                                             token=args.token, log_level=args.log_level,
                                              proxy_workers=args.workers,
-                                             proxy_threads=args.threads)
+                                             proxy_threads=args.threads, pool_size=pool_size)
     except SettingsError as err:
         print(f"jupyter-kernel-proxy: {err}", file=sys.stderr)
         return 2

@@ -43,6 +43,8 @@ class Settings:
     kernel_start_timeout: float = 60.0
     max_request_bytes: int = 10 * MIB
     max_output_bytes: int = 10 * MIB
+    max_idle_connections: int = 64
+    pool_size: int = 0
     proxy_bind: str = "127.0.0.1:8000"
     proxy_workers: int = 2
     proxy_threads: int = 8
@@ -78,6 +80,8 @@ class Settings:
         _require(self, "crash_sleep_duration", lambda v: v >= 0, "a number of seconds, 0 or more")
         for name in ("max_request_bytes", "max_output_bytes"):
             _require(self, name, lambda v: v > 0, "a whole number of bytes greater than 0")
+        for name in ("max_idle_connections", "pool_size"):
+            _require(self, name, lambda v: v >= 0, "a whole number, 0 or more")
         for name in ("proxy_workers", "proxy_threads"):
             _require(self, name, lambda v: v >= 1, "a whole number, 1 or more")
         host, _, port = str(self.proxy_bind).rpartition(":")

@@ -68,3 +68,26 @@ def test_silent_server_times_out(settings, silent_upstream):
         with pytest.raises(UpstreamTimeout):
             client.open_channel("6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", timeout=0.5)
         assert time.monotonic() - started < 5
+
+
+def test_executions_reuse_one_warm_websocket(settings, manager):
+    kernel_id = manager.start_kernel()["id"]
+    try:
+        for _ in range(5):
+            assert manager.execute_code(kernel_id, "1")["status"] == "ok"
+        # The server counts open websockets per kernel: ours is kept, and only one.
+        assert manager.client.get_kernel(kernel_id)["connections"] == 1
+    finally:
+        manager.shutdown_kernel(kernel_id)
+
+
+def test_warm_websocket_notices_its_kernel_was_shut_down_elsewhere(settings, manager):
+    from app.kernels import KernelNotFound
+
+    kernel_id = manager.start_kernel()["id"]
+    manager.execute_code(kernel_id, "1")
+    manager.client.shutdown_kernel(kernel_id)  # as another client would, around the proxy
+    started = time.monotonic()
+    with pytest.raises(KernelNotFound):
+        manager.execute_code(kernel_id, "1", timeout=30)
+    assert time.monotonic() - started < 5

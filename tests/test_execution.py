@@ -145,6 +145,7 @@ class FakeKernel:
         self.connects: list[tuple[str | None, float]] = []  # (session_id, timeout)
         self.interrupts: list[float] = []  # clock at each call
         self.restarts: list[float] = []
+        self.released: list[bool] = []  # `reusable` of each channel handed back
 
     def connect(self, session_id: str | None, timeout: float) -> ScriptedChannel:
         self.connects.append((session_id, timeout))
@@ -168,6 +169,10 @@ class FakeKernel:
         self.channels[-1].script.extend(self.on_restart)
         if self.restart_raises is not None:
             raise self.restart_raises
+
+    def release(self, channel: ScriptedChannel, reusable: bool) -> None:
+        self.released.append(reusable)
+        channel.close()
 
     @property
     def sent(self) -> list[dict]:
@@ -263,6 +268,7 @@ def end_of(events: list) -> End:
 
 
 def assert_all_closed(kernel: FakeKernel) -> None:
+    """Every channel opened was closed or handed back."""
     assert kernel.channels and all(channel.closed for channel in kernel.channels)
 
 
@@ -329,6 +335,7 @@ def test_completes_on_reply_and_idle_in_either_order(clock, ending):
     assert end_of(events) == End()
     assert clock.now == 0  # nothing waited for: both halves were in
     assert kernel.interrupts == [] and kernel.restarts == []
+    assert kernel.released == [True]  # the channel is clean: kept warm for the next request
 
 
 def test_messages_between_reply_and_idle_are_kept(clock):
@@ -433,6 +440,7 @@ def test_deadline_interrupts_once_and_keeps_what_arrives_in_the_grace_period(clo
     assert "interrupted and keeps its state" in end.error["evalue"]
     assert clock.now == DEADLINE + 1
     assert_all_closed(kernel)
+    assert kernel.released == [True]
 
 
 def test_reply_without_idle_in_the_grace_period_settles(clock):
@@ -459,6 +467,7 @@ def test_kernel_that_ignores_the_interrupt_is_restarted(clock):
     assert "may still be running" not in end.error["evalue"]
     assert clock.now == DEADLINE + GRACE
     assert_all_closed(kernel)
+    assert kernel.released == [False]  # a restarted kernel's channel is not reused
 
 
 def test_failed_interrupt_goes_straight_to_restart(clock):
@@ -542,6 +551,7 @@ def test_restarted_kernel_is_reported_once_it_answers_kernel_info(clock, back):
     info = kernel.last_sent("kernel_info_request")
     assert info is not None and info["header"]["session"] == kernel.channels[0].session_id
     assert_all_closed(kernel)
+    assert kernel.released == [False]
 
 
 def test_kernel_info_reply_to_another_request_does_not_count(clock):

@@ -45,6 +45,9 @@ class KernelControl(Protocol):
     def restart(self) -> None:
         """Restarts the kernel (`POST .../restart`); its state is lost."""
 
+    def release(self, channel: KernelChannel, reusable: bool) -> None:
+        """Takes back a channel the loop is done with (`reusable`: it is in a known state)."""
+
 
 @dataclass(frozen=True)
 class Message:
@@ -66,13 +69,14 @@ Event = Message | End
 
 
 def run_execution(kernel: KernelControl, code: str, deadline: float, *, timeout: float,
-                  crash_wait: float, connect_timeout: float,
+                  crash_wait: float, connect_timeout: float, silent: bool = False,
                   grace: float = INTERRUPT_GRACE_SECONDS, settle: float = SETTLE_SECONDS,
                   clock: Callable[[], float] = time.monotonic) -> Iterator[Event]:
     """Runs `code` on the kernel and yields its events; see the module docstring."""
     run = _Run(kernel, deadline, connect_timeout, settle, clock)
     try:
-        yield from run.execute(code, timeout=timeout, crash_wait=crash_wait, grace=grace)
+        yield from run.execute(code, timeout=timeout, crash_wait=crash_wait, grace=grace,
+                               silent=silent)
     finally:
         run.close()
 
@@ -91,23 +95,25 @@ class _Run:
         self.session_id = ""
         self.msg_id = ""
         self.reply = self.idle = self.started = self.stdin_refused = False
+        self.reusable = False  # set once the execution ended with the channel in a known state
         self.death: str | None = None
 
     @property
     def complete(self) -> bool:
         return self.reply and self.idle
 
-    def execute(self, code: str, *, timeout: float, crash_wait: float,
-                grace: float) -> Iterator[Event]:
+    def execute(self, code: str, *, timeout: float, crash_wait: float, grace: float,
+                silent: bool) -> Iterator[Event]:
         self.channel = self.kernel.connect(None, self._time_left(self.connect_timeout))
         self.session_id = self.channel.session_id
-        request = protocol.execute_request(code, self.session_id)
+        request = protocol.execute_request(code, self.session_id, silent)
         self.msg_id = request["header"]["msg_id"]
         self.channel.send(request)
         yield from self._collect(self.deadline)
         if not self.complete and not self.death:
             outcome = yield from self._stop_overrun(grace)
             if not self.death:
+                self.reusable = outcome in ("interrupted", "not_started")
                 yield End("timeout", self._timeout_error(timeout, outcome, grace))
                 return
         if self.death:
@@ -118,6 +124,7 @@ class _Run:
                                 "evalue": "the code asked for input, but this proxy offers no "
                                           "stdin", "traceback": []})
         else:
+            self.reusable = True
             yield End()
 
     def _stop_overrun(self, grace: float) -> Generator[Event, None, str]:
@@ -248,7 +255,8 @@ class _Run:
 
     def close(self) -> None:
         if self.channel is not None:
-            self.channel.close()
+            self.kernel.release(self.channel, self.reusable)
+            self.channel = None
 
 
 def _attempt(action: Callable[[], None]) -> bool:

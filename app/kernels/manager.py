@@ -16,7 +16,9 @@ from typing import Any
 from app.kernels import protocol
 from app.kernels.channel import KernelChannel
 from app.kernels.client import JupyterClient
+from app.kernels.connections import ChannelCache
 from app.kernels.locks import KernelLocks
+from app.kernels.pool import KernelPool
 from app.kernels.errors import InvalidRequest, KernelError, UpstreamTimeout
 from app.kernels.execution import End, Message, run_execution
 from app.kernels.result import ExecutionResult
@@ -48,24 +50,57 @@ def _check_text(value: str, field: str) -> None:
 class KernelManager:
     """Starts kernels, executes code on them and shuts them down, blocking, with deadlines."""
 
-    def __init__(self, client: JupyterClient, logger: StructuredLogger | None = None) -> None:
+    def __init__(self, client: JupyterClient, logger: StructuredLogger | None = None,
+                 pool_size: int | None = None) -> None:
+        """`pool_size` ready kernels are kept (default: the `pool_size` setting)."""
         self.client = client
         self.settings = client.settings
         self.logger = logger or StructuredLogger(__name__)
         self._locks = KernelLocks(client.base_url)
+        self._channels = ChannelCache(self.settings.max_idle_connections)
+        size = self.settings.pool_size if pool_size is None else pool_size
+        self._pool = KernelPool(size, self.settings.kernel_name,
+                                start=lambda: self._start_new(self.settings.kernel_name,
+                                                              warm=True),
+                                alive=self._is_alive, shutdown=self.client.shutdown_kernel) \
+            if size > 0 else None
 
     def start_kernel(self, name: str | None = None) -> dict[str, Any]:
         """Starts a kernel of spec `name` (default: settings) and returns once it can execute.
 
-        Returns `{"id", "name"}` plus the server's `execution_state` and `last_activity`. A
-        kernel that does not become ready in `kernel_start_timeout` is shut down again.
+        Returns `{"id", "name"}` plus the server's `execution_state` and `last_activity`. With
+        a pool, a ready kernel of the default spec is handed out at once. A kernel that does
+        not become ready in `kernel_start_timeout` is shut down again.
         """
         name = name or self.settings.kernel_name
+        kernel = self._pool.take(name) if self._pool else None
+        if kernel is not None:
+            self.logger.info("kernel handed out from the pool", kernel_id=kernel["id"],
+                             kernel_name=name)
+            return kernel
+        return self._start_new(name)
+
+    def warm_up(self) -> None:
+        """Starts filling the kernel pool in the background (if there is one)."""
+        if self._pool is not None:
+            self._pool.start()
+
+    def _start_new(self, name: str, warm: bool = False) -> dict[str, Any]:
+        """Starts a kernel and waits until it is ready; `warm` also runs a silent first cell,
+        which costs a new kernel twice an ordinary one (imports, history set-up).
+        """
         started = time.monotonic()
         model = self.client.start_kernel(name)
         kernel_id = model["id"]
+        deadline = started + self.settings.kernel_start_timeout
         try:
-            self._wait_until_ready(kernel_id, started + self.settings.kernel_start_timeout)
+            self._wait_until_ready(kernel_id, deadline)
+            if warm:
+                for _ in run_execution(_Kernel(self.client, self._channels, kernel_id), "None",
+                                       deadline, timeout=self.settings.kernel_start_timeout,
+                                       crash_wait=0, silent=True,
+                                       connect_timeout=self.settings.timeout_connect):
+                    pass
         except KernelError:
             self._shutdown_quietly(kernel_id)
             raise
@@ -73,6 +108,17 @@ class KernelManager:
                          duration_ms=round((time.monotonic() - started) * 1000, 1))
         return {"id": kernel_id, "name": model.get("name", name),
                 "execution_state": "idle", "last_activity": model.get("last_activity")}
+
+    def _is_alive(self, kernel_id: str) -> bool:
+        """True if the kernel still answers: its warm channel is clean, or one can be opened."""
+        channel = self._channels.take(kernel_id)
+        if channel is None:
+            try:
+                channel = self.client.open_channel(kernel_id)
+            except KernelError:
+                return False
+        self._channels.give(channel)
+        return True
 
     def execute_code(self, kernel_id: str, code: str,
                      timeout: float | None = None) -> dict[str, Any]:
@@ -92,7 +138,8 @@ class KernelManager:
             if acquired:
                 end = End()
                 for event in run_execution(
-                        _Kernel(self.client, kernel_id), code, deadline, timeout=timeout,
+                        _Kernel(self.client, self._channels, kernel_id), code, deadline,
+                        timeout=timeout,
                         crash_wait=self.settings.crash_sleep_duration,
                         connect_timeout=self.settings.timeout_connect):
                     if isinstance(event, Message):
@@ -114,6 +161,7 @@ class KernelManager:
         """Shuts the kernel down; raises `KernelNotFound` if the server has no such kernel."""
         check_kernel_id(kernel_id)
         self.client.shutdown_kernel(kernel_id)
+        self._channels.forget(kernel_id)
         self._locks.forget(kernel_id)
         self.logger.info("kernel shut down", kernel_id=kernel_id)
         return {"message": f"Kernel {kernel_id} shutdown"}
@@ -121,7 +169,8 @@ class KernelManager:
     def _wait_until_ready(self, kernel_id: str, deadline: float) -> None:
         """Returns once the kernel answers a `kernel_info_request`."""
         remaining = deadline - time.monotonic()
-        with self.client.open_channel(kernel_id, timeout=max(remaining, 0.1)) as channel:
+        channel = self.client.open_channel(kernel_id, timeout=max(remaining, 0.1))
+        try:
             request = protocol.kernel_info_request(channel.session_id)
             msg_id = request["header"]["msg_id"]
             channel.send(request)
@@ -129,9 +178,26 @@ class KernelManager:
                 received = channel.recv(remaining)
                 if received and received[0].get("msg_type") == "kernel_info_reply" \
                         and protocol.parent_id(received[0]) == msg_id:
+                    self._channels.give(channel)  # warm for the first execution
+                    channel = None
                     return
+        finally:
+            if channel is not None:
+                channel.close()
         raise UpstreamTimeout(f"the kernel did not become ready within "
                               f"{self.settings.kernel_start_timeout:g} s", kernel_id=kernel_id)
+
+    def close(self) -> None:
+        """Shuts the pooled kernels down and closes the warm websockets; safe to call twice."""
+        if self._pool is not None:
+            self._pool.close()
+        self._channels.close()
+
+    def __enter__(self) -> KernelManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_timeout(self, timeout: float | None) -> float:
         if timeout is None:
@@ -153,14 +219,27 @@ class KernelManager:
 
 
 class _Kernel:
-    """One kernel as the execution loop sees it (`execution.KernelControl`)."""
+    """One kernel as the execution loop sees it (`execution.KernelControl`): channels come
+    from the worker's cache of warm websockets and go back to it.
+    """
 
-    def __init__(self, client: JupyterClient, kernel_id: str) -> None:
+    def __init__(self, client: JupyterClient, channels: ChannelCache, kernel_id: str) -> None:
         self.client = client
+        self.channels = channels
         self.kernel_id = kernel_id
 
     def connect(self, session_id: str | None, timeout: float) -> KernelChannel:
+        if session_id is None:
+            warm = self.channels.take(self.kernel_id)
+            if warm is not None:
+                return warm
         return self.client.open_channel(self.kernel_id, timeout, session_id)
+
+    def release(self, channel: KernelChannel, reusable: bool) -> None:
+        if reusable:
+            self.channels.give(channel)
+        else:
+            channel.close()
 
     def interrupt(self) -> None:
         self.client.interrupt_kernel(self.kernel_id)

@@ -38,12 +38,15 @@ def new_message(msg_type: str, content: dict[str, Any], session_id: str,
     }
 
 
-def execute_request(code: str, session_id: str) -> dict[str, Any]:
-    """An `execute_request` that never offers stdin, so `input()` fails instead of hanging."""
+def execute_request(code: str, session_id: str, silent: bool = False) -> dict[str, Any]:
+    """An `execute_request` that never offers stdin, so `input()` fails instead of hanging.
+
+    A `silent` one leaves no trace: no output, no history, no execution count.
+    """
     return new_message("execute_request", {
         "code": code,
-        "silent": False,
-        "store_history": True,
+        "silent": silent,
+        "store_history": not silent,
         "user_expressions": {},
         "allow_stdin": False,
         "stop_on_error": True,

@@ -1,0 +1,150 @@
+"""Warm websockets: open kernel channels kept between executions, so that no request pays a
+websocket handshake (or, with TCP keep-alive, a TCP connect) on its hot path.
+
+Lock story: a channel is either idle in the cache or owned by exactly one thread. `take()`
+removes it from the cache under the cache's lock and hands it over; `give()` puts it back.
+No thread reads a channel it does not own, so two threads never `recv()` on one websocket; the
+janitor thread takes idle channels like any caller. No I/O happens under the lock.
+
+An idle channel still receives what the kernel broadcasts (other clients' output, a restart, a
+shutdown). Whoever takes it first reads everything pending: a channel whose kernel was shut
+down or is dead is closed instead of handed out, and so is one with more pending than can be
+read quickly. The janitor does the same every few seconds, so that nothing piles up on the
+server for an idle connection, and closes channels idle for too long. At most `capacity` idle
+channels are kept; the least recently used go first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from app.kernels import protocol
+from app.kernels.channel import KernelChannel
+from app.kernels.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+IDLE_SECONDS = 300.0  # an idle channel older than this is closed
+SWEEP_SECONDS = 2.0  # how often the janitor reads idle channels
+DRAIN_SECONDS = 0.25  # longest a take() spends reading what piled up on an idle channel
+
+
+class ChannelCache:
+    """Idle kernel channels of one process, at most one per kernel."""
+
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[str, tuple[KernelChannel, float]] = OrderedDict()
+        self._janitor: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def take(self, kernel_id: str) -> KernelChannel | None:
+        """The kernel's idle channel, read up and known alive, or None."""
+        with self._lock:
+            entry = self._idle.pop(kernel_id, None)
+        if entry is None:
+            return None
+        channel = entry[0]
+        if drain(channel, time.monotonic() + DRAIN_SECONDS):
+            return channel
+        channel.close()
+        return None
+
+    def give(self, channel: KernelChannel) -> None:
+        """Keeps `channel` for the next execution on its kernel (or closes it if no room)."""
+        if self.capacity <= 0 or self._closed.is_set():
+            channel.close()
+            return
+        surplus: list[KernelChannel] = []
+        with self._lock:
+            old = self._idle.pop(channel.kernel_id, None)
+            if old is not None:
+                surplus.append(old[0])
+            self._idle[channel.kernel_id] = (channel, self.clock())
+            while len(self._idle) > self.capacity:
+                surplus.append(self._idle.popitem(last=False)[1][0])
+            self._start_janitor()
+        for extra in surplus:
+            extra.close()
+
+    def forget(self, kernel_id: str) -> None:
+        """Closes the idle channel of a kernel that is gone."""
+        with self._lock:
+            entry = self._idle.pop(kernel_id, None)
+        if entry is not None:
+            entry[0].close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def sweep(self) -> None:
+        """Reads every idle channel; closes the dead, the overfull and the long idle."""
+        now = self.clock()
+        with self._lock:
+            kernel_ids = list(self._idle)
+        for kernel_id in kernel_ids:
+            with self._lock:
+                entry = self._idle.pop(kernel_id, None)
+            if entry is None:
+                continue  # taken meanwhile
+            channel, since = entry
+            if now - since > IDLE_SECONDS or \
+                    not drain(channel, time.monotonic() + DRAIN_SECONDS):
+                channel.close()
+                continue
+            with self._lock:
+                if kernel_id in self._idle or self._closed.is_set():
+                    keep = False  # someone gave one back meanwhile: keep theirs
+                else:
+                    self._idle[kernel_id] = (channel, since)
+                    self._idle.move_to_end(kernel_id, last=False)  # keep its LRU place
+                    keep = True
+            if not keep:
+                channel.close()
+
+    def close(self) -> None:
+        """Closes every idle channel and stops the janitor; safe to call twice."""
+        self._closed.set()
+        with self._lock:
+            entries = list(self._idle.values())
+            self._idle.clear()
+        for channel, _ in entries:
+            channel.close()
+
+    def _start_janitor(self) -> None:
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = threading.Thread(target=self._sweep_forever, daemon=True,
+                                             name="kernel-channel-janitor")
+            self._janitor.start()
+
+    def _sweep_forever(self) -> None:
+        while not self._closed.wait(SWEEP_SECONDS):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - the janitor must outlive any one bad channel
+                log.exception("sweeping idle kernel channels failed")
+
+
+def drain(channel: KernelChannel, until: float) -> bool:
+    """Reads everything pending on an idle channel; False if its kernel is gone, the channel
+    is broken, or more is pending than can be read by `until`.
+    """
+    try:
+        while channel.pending():
+            if time.monotonic() >= until:
+                return False
+            received = channel.recv(max(until - time.monotonic(), 0.001))
+            if received is None:
+                return False  # a frame started but did not finish in time
+            if protocol.kernel_death_state(received[0]) in ("dead", "shutdown"):
+                return False
+    except KernelError:
+        return False
+    return True

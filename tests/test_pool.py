@@ -1,0 +1,122 @@
+"""The kernel pool, alone (fakes) and with a real Jupyter server."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import requests
+
+from app import JupyterClient, KernelManager
+from app.kernels.pool import KernelPool
+
+
+class FakeServer:
+    """Starts numbered kernels; some may be dead by the time they are handed out."""
+
+    def __init__(self) -> None:
+        self.numbers = itertools.count(1)
+        self.dead: set[str] = set()
+        self.shut_down: list[str] = []
+
+    def start(self) -> dict:
+        return {"id": f"k{next(self.numbers)}", "name": "python3"}
+
+    def alive(self, kernel_id: str) -> bool:
+        return kernel_id not in self.dead
+
+    def shutdown(self, kernel_id: str) -> None:
+        self.shut_down.append(kernel_id)
+
+
+def pool_of(size: int, server: FakeServer) -> KernelPool:
+    return KernelPool(size, "python3", server.start, server.alive, server.shutdown)
+
+
+def test_pool_fills_hands_out_and_refills():
+    server = FakeServer()
+    pool = pool_of(2, server)
+    assert pool.wait_until_full(5)
+    assert pool.take("python3")["id"] == "k1"
+    assert pool.wait_until_full(5)
+    assert len(pool) == 2
+    pool.close()
+
+
+def test_a_dead_pooled_kernel_is_never_handed_out():
+    server = FakeServer()
+    pool = pool_of(2, server)
+    assert pool.wait_until_full(5)
+    server.dead.add("k1")
+    assert pool.take("python3")["id"] == "k2"
+    pool.close()
+
+
+def test_other_kernel_specs_are_not_served_from_the_pool():
+    server = FakeServer()
+    pool = pool_of(1, server)
+    assert pool.wait_until_full(5)
+    assert pool.take("julia") is None
+    assert len(pool) == 1
+    pool.close()
+
+
+def test_closing_shuts_the_ready_kernels_down():
+    server = FakeServer()
+    pool = pool_of(2, server)
+    assert pool.wait_until_full(5)
+    pool.close()
+    assert sorted(server.shut_down) == ["k1", "k2"]
+    assert pool.take("python3") is None
+
+
+# -- with a real Jupyter server ---------------------------------------------------------------
+
+def test_pooled_kernel_is_ready_warm_and_untouched(settings):
+    with JupyterClient(settings) as client, KernelManager(client, pool_size=1) as manager:
+        assert manager._pool.wait_until_full(60)
+        started = time.monotonic()
+        kernel = manager.start_kernel()
+        answer = manager.execute_code(kernel["id"], "1 + 1")
+        elapsed = time.monotonic() - started
+        assert answer["execution_count"] == 1  # the warm-up left no trace
+        assert answer["outputs"][0]["data"]["text/plain"] == "2"
+        assert elapsed < 2  # a kernel started now would take longer; timing is in the benchmark
+        manager.shutdown_kernel(kernel["id"])
+    kernels = {k["id"] for k in client.session.get(f"{settings.server_url}/api/kernels",
+                                                       timeout=10).json()}
+    assert kernel["id"] not in kernels
+
+
+def test_pooled_kernel_shut_down_elsewhere_is_not_handed_out(settings):
+    with JupyterClient(settings) as client, KernelManager(client, pool_size=1) as manager:
+        assert manager._pool.wait_until_full(60)
+        pooled = manager._pool._ready[0]["id"]
+        client.shutdown_kernel(pooled)
+        time.sleep(0.2)
+        kernel = manager.start_kernel()
+        assert kernel["id"] != pooled
+        assert manager.execute_code(kernel["id"], "3")["status"] == "ok"
+        manager.shutdown_kernel(kernel["id"])
+
+
+def test_pooled_kernels_are_shut_down_when_the_proxy_stops(start_proxy, jupyter_server):
+    headers = {"Authorization": f"token {jupyter_server.token}"}
+
+    def server_kernels() -> set[str]:
+        return {k["id"] for k in requests.get(f"{jupyter_server.url}/api/kernels",
+                                              headers=headers, timeout=10).json()}
+
+    before = server_kernels()
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "2",
+                        "--pool-size", "1", env={"JUPYTER_TOKEN": jupyter_server.token})
+    deadline = time.monotonic() + 60
+    while len(server_kernels() - before) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(server_kernels() - before) == 2  # one ready kernel per worker
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    assert kernel_id in server_kernels() - before
+    proxy.stop()
+    left = server_kernels() - before
+    assert left == {kernel_id}  # the handed-out kernel is the client's; the pool's are gone
+    requests.delete(f"{jupyter_server.url}/api/kernels/{kernel_id}", headers=headers, timeout=10)
