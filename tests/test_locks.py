@@ -61,3 +61,4 @@ def test_threads_of_one_process_take_turns():
         thread.join()
     try_hold()
     assert seen == [False, True]
+

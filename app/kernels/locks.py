@@ -6,8 +6,8 @@ and interrupting the kernel at a deadline can only ever stop the caller's own co
 
 Lock story: a `threading.Lock` per kernel id hands the kernel from thread to thread within a
 process; an `flock` on a file per kernel id (in a private directory) hands it between gunicorn
-workers. Both are taken with the caller's deadline. Where no private directory can be had, the
-lock is process-wide only, and a warning says so.
+workers. Both are taken with the caller's deadline (see `_flock_until`). Where no private
+directory can be had, the lock is process-wide only, and a warning says so.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = (0.001, 0.05)  # first and longest pause between tries of a busy file lock
 
 
 class KernelLocks:
@@ -69,21 +68,50 @@ class KernelLocks:
             yield True
             return
         fd = os.open(self._directory / f"{kernel_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        pause, longest = POLL_SECONDS
+        if not _flock_until(fd, deadline):
+            yield False  # the waiter thread owns (and closes) the descriptor now
+            return
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        yield False
-                        return
-                    time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-                    pause = min(pause * 2, longest)
             yield True
         finally:
             os.close(fd)  # closing the descriptor releases the flock
+
+
+def _flock_until(fd: int, deadline: float) -> bool:
+    """Takes the flock on `fd` before `deadline`; True if taken.
+
+    flock has no timeout, so a blocking flock runs in a waiter thread while the caller waits
+    with its deadline: the lock passes from worker to worker the moment it is released, with
+    no polling. A caller that gives up leaves the descriptor to the waiter, which releases the
+    lock (by closing it) as soon as it gets it.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    taken = threading.Event()
+    state_lock = threading.Lock()
+    abandoned = [False]
+
+    def wait_for_lock() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        with state_lock:
+            taken.set()
+            if abandoned[0]:
+                os.close(fd)
+
+    threading.Thread(target=wait_for_lock, daemon=True, name="kernel-lock-waiter").start()
+    if taken.wait(max(deadline - time.monotonic(), 0)):
+        return True
+    with state_lock:
+        if taken.is_set():
+            return True  # got it just as the deadline passed
+        abandoned[0] = True
+    return False
 
 
 def _private_directory(server_url: str) -> Path | None:
