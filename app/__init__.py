@@ -49,6 +49,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.extensions["kernel_manager"] = manager
     if settings.pool_size:
         manager.warm_up()
+        app.before_request(manager.warm_up)  # again in a forked worker (cheap when running)
         atexit.register(manager.close)  # pooled kernels go when the worker goes
     _log_requests(app, logger.child("requests"))  # first, so that refusals are timed too
     register_error_handlers(app)

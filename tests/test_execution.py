@@ -22,7 +22,13 @@ import pytest
 
 from app.kernels import execution
 from app.kernels.errors import ConnectionLost, KernelError, UpstreamError, UpstreamUnavailable
-from app.kernels.execution import RECONNECT_ATTEMPTS, End, Message, run_execution
+from app.kernels.execution import (
+    RECONNECT_ATTEMPTS,
+    RECONNECT_PAUSES,
+    End,
+    Message,
+    run_execution,
+)
 
 CODE = "while True: pass"
 DEADLINE = 100.0  # the clock starts at 0, so this is also the timeout
@@ -133,8 +139,11 @@ class FakeKernel:
     def __init__(self, clock: FakeClock, *scripts: list | BaseException,
                  on_interrupt: list = (), interrupt_raises: KernelError | None = None,
                  on_restart: list = (), restart_raises: KernelError | None = None,
-                 connect_seconds: float = 0.0) -> None:
+                 connect_seconds: float = 0.0, model: dict | None = None) -> None:
         self.clock = clock
+        # What the server says of the kernel: busy (running the code) with only our connection.
+        self.model = model if model is not None else {"execution_state": "busy",
+                                                      "connections": 1}
         self.scripts = list(scripts)
         self.on_interrupt = list(on_interrupt)
         self.interrupt_raises = interrupt_raises
@@ -169,6 +178,11 @@ class FakeKernel:
         self.channels[-1].script.extend(self.on_restart)
         if self.restart_raises is not None:
             raise self.restart_raises
+
+    def describe(self) -> dict:
+        if isinstance(self.model, BaseException):
+            raise self.model
+        return self.model
 
     def release(self, channel: ScriptedChannel, reusable: bool) -> None:
         self.released.append(reusable)
@@ -648,13 +662,46 @@ def test_connection_lost_reconnects_with_the_same_session_and_collects_the_repla
 
 
 def test_reconnect_failure_raises_connection_lost_after_the_messages_before_it(clock):
-    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
-                        UpstreamUnavailable("server down"))
+    down = [UpstreamUnavailable("server down") for _ in RECONNECT_PAUSES]
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")], *down)
     events, error = run_until_raises(kernel, ConnectionLost)
     assert kinds(events) == ["status"]
     assert isinstance(error.__cause__, UpstreamUnavailable)
-    assert [session for session, _ in kernel.connects] == [None, kernel.channels[0].session_id]
+    session = kernel.channels[0].session_id
+    assert [s for s, _ in kernel.connects] == [None] + [session] * len(RECONNECT_PAUSES)
     assert_all_closed(kernel)
+
+
+def test_reconnect_is_retried_with_backoff_until_the_server_answers(clock):
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                        UpstreamUnavailable("restarting"), UpstreamUnavailable("restarting"),
+                        [stream("after"), reply(), status("idle")])
+    events = run(kernel)
+    assert texts(events) == ["after"]
+    assert end_of(events) == End()
+    assert len(kernel.connects) == 4
+
+
+def test_reconnect_while_other_connections_are_open_marks_output_as_possibly_lost(clock):
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                        [reply(), status("idle")],
+                        model={"execution_state": "busy", "connections": 2})
+    assert end_of(run(kernel)) == End(output_lost=True)
+
+
+def test_silence_after_a_reconnect_with_an_idle_kernel_means_the_answer_was_lost(clock):
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")], [],
+                        model={"execution_state": "idle", "connections": 2})
+    run_until_raises(kernel, ConnectionLost)
+    assert clock.now < 10  # found out within a settle period, not at the deadline
+    assert kernel.interrupts == [] and kernel.restarts == []
+
+
+def test_an_idle_kernel_is_never_restarted_at_the_deadline(clock):
+    kernel = FakeKernel(clock, [status("busy")], model={"execution_state": "idle"})
+    run_until_raises(kernel, ConnectionLost)
+    assert kernel.interrupts == [DEADLINE]
+    assert kernel.restarts == []  # its state is kept: the code had finished
 
 
 def test_connection_that_keeps_breaking_is_given_up_after_the_reconnect_attempts(clock):
@@ -708,3 +755,37 @@ def test_failing_first_connect_propagates(clock):
     with pytest.raises(UpstreamUnavailable):
         run(kernel)
     assert kernel.channels == []
+
+
+# -- a kernel that died before this code started ---------------------------------------------
+
+def test_code_queued_on_a_dead_kernel_runs_after_the_restart_and_is_answered(clock):
+    """A warm websocket can send to a kernel that died while idle: the server restarts it and
+    the queued request runs there. That is an ordinary answer, not a crash."""
+    kernel = FakeKernel(clock, [Silence(3), status("restarting", parent=None), Silence(1),
+                                status("starting", parent=None), status("busy"),
+                                stream("ran"), reply(), status("idle")])
+    events = run(kernel)
+    assert texts(events) == ["ran"]
+    assert end_of(events) == End()
+    assert kernel.interrupts == [] and kernel.restarts == []
+
+
+def test_code_lost_with_a_dead_kernel_is_reported_as_not_run(clock):
+    kernel = FakeKernel(clock, [Silence(3), status("restarting", parent=None), Silence(1),
+                                status("starting", parent=None), info_reply()])
+    end = end_of(run(kernel))
+    assert end.status == "crashed"
+    assert "did not run" in end.error["evalue"]
+    assert "works again" in end.error["evalue"]
+
+
+def test_other_clients_output_does_not_extend_the_wait_for_a_dropped_idle(clock):
+    """Once the reply is in, only this request's messages keep the wait going."""
+    chatter = [stream("background thread of an older cell", parent="older")] * 50
+    script = [status("busy"), reply()]
+    for line in chatter:
+        script += [Silence(0.5), line]
+    kernel = FakeKernel(clock, script)
+    assert end_of(run(kernel)) == End()
+    assert clock.now <= SETTLE + 0.5

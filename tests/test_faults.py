@@ -152,19 +152,48 @@ def forwarder(jupyter_server):
     forwarder.close()
 
 
-def test_connection_cut_mid_cell_loses_nothing(settings, forwarder, kernel):
-    http = create_app(settings.replace(server_url=forwarder.url)).test_client()
-    code = "import time\nprint('a', flush=True)\ntime.sleep(2)\nprint('b')\n'done'"
+PRINT_ACROSS_THE_CUT = ("import time\nfor i in range(40):\n    print(i, flush=True)\n"
+                        "    time.sleep(0.05)\n'done'")
+ALL_LINES = "".join(f"{i}\n" for i in range(40))
+
+
+def cut_during(http, forwarder, kernel_id: str, code: str, after: float = 1.0) -> dict:
+    """Runs `code` through `http` and cuts every upstream connection `after` seconds in."""
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run(http, kernel, code, timeout=30)))
+    thread = threading.Thread(target=lambda: result.update(run(http, kernel_id, code,
+                                                               timeout=30)))
     thread.start()
-    time.sleep(1)
+    time.sleep(after)
     assert forwarder.cut() >= 1
     thread.join(30)
+    return result
+
+
+def test_connection_cut_mid_cell_loses_nothing(settings, forwarder):
+    http = create_app(settings.replace(server_url=forwarder.url)).test_client()
+    kernel_id = http.post("/start_kernel").get_json()["id"]  # the proxy's is the only websocket
+    try:
+        result = cut_during(http, forwarder, kernel_id, PRINT_ACROSS_THE_CUT)
+        assert result["status"] == "ok"
+        assert result["stdout"] == ALL_LINES  # the server replayed what it buffered
+        assert result["truncated"] is False
+        assert value(result) == "'done'"
+        assert value(run(http, kernel_id, "3 * 3")) == "9"
+    finally:
+        http.post("/shutdown_kernel", json={"id": kernel_id})
+
+
+def test_connection_cut_while_others_watch_the_kernel_says_output_may_be_lost(
+        settings, forwarder, kernel):
+    # `kernel` comes from another manager that keeps its own websocket to it: the server then
+    # keeps nothing for the reconnecting session.
+    http = create_app(settings.replace(server_url=forwarder.url)).test_client()
+    result = cut_during(http, forwarder, kernel, PRINT_ACROSS_THE_CUT)
     assert result["status"] == "ok"
-    assert result["stdout"] == "a\nb\n"
     assert value(result) == "'done'"
-    assert value(run(http, kernel, "3 * 3")) == "9"
+    assert result["truncated"] is True
+    lines = [int(n) for n in result["stdout"].split()]
+    assert lines == sorted(lines) and set(lines) <= set(range(40))
 
 
 def test_connection_that_cannot_be_reopened_is_a_clear_error_and_kernel_stays_usable(

@@ -116,7 +116,54 @@ def test_pooled_kernels_are_shut_down_when_the_proxy_stops(start_proxy, jupyter_
     assert len(server_kernels() - before) == 2  # one ready kernel per worker
     kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
     assert kernel_id in server_kernels() - before
+    time.sleep(0.7)  # the pool is refilling now: stopping must not leak the kernel it starts
     proxy.stop()
     left = server_kernels() - before
     assert left == {kernel_id}  # the handed-out kernel is the client's; the pool's are gone
     requests.delete(f"{jupyter_server.url}/api/kernels/{kernel_id}", headers=headers, timeout=10)
+
+
+def test_preloaded_workers_never_hand_out_the_same_kernel(jupyter_server):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from app.embedded import free_port
+    from tests.conftest import REPO
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env.update(JUPYTER_SERVER_URL=jupyter_server.url, JUPYTER_TOKEN=jupyter_server.token,
+               JUPYTER_PROXY_BIND=f"127.0.0.1:{port}", JUPYTER_PROXY_WORKERS="2",
+               JUPYTER_POOL_SIZE="1")
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                                 "--preload"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        time.sleep(3)  # the master's pool (built at preload) fills meanwhile
+        # Workers forked now would inherit the master's ready kernels: make gunicorn re-fork.
+        children = Path(f"/proc/{gunicorn.pid}/task/{gunicorn.pid}/children").read_text()
+        for worker_pid in children.split():
+            os.kill(int(worker_pid), signal.SIGTERM)
+        time.sleep(3)
+        ids = [requests.post(f"{url}/start_kernel", headers={"Connection": "close"},
+                             timeout=60).json()["id"] for _ in range(6)]
+        assert len(set(ids)) == len(ids)
+        for kernel_id in ids:
+            answer = requests.post(f"{url}/execute_code", json={"id": kernel_id, "code": "1"},
+                                   timeout=60).json()
+            assert answer["status"] == "ok"
+            requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+    finally:
+        gunicorn.send_signal(signal.SIGTERM)
+        gunicorn.wait(60)

@@ -39,20 +39,30 @@ class JupyterClient:
         self.settings = settings
         self.logger = logger or StructuredLogger(__name__)
         self.base_url = settings.server_url
-        self.session = requests.Session()
+        self.session = self._new_session()
+        self._specs_lock = threading.Lock()
+        self._specs: tuple[float, dict[str, Any]] | None = None
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
         # Connection errors happen before a request is sent, so retrying them is safe for every
         # method; nothing is retried once the server may have acted on a request (`False`
         # re-raises read errors as they are, so that a read timeout stays a timeout).
         retry = Retry(total=None, connect=2, read=False, status=0, other=False, redirect=0,
                       backoff_factor=0.25, raise_on_status=False)
         adapter = HTTPAdapter(max_retries=retry, pool_maxsize=32)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.trust_env = False  # never send our token through an environment proxy
-        if settings.token:
-            self.session.headers["Authorization"] = f"token {settings.token}"
-        self._specs_lock = threading.Lock()
-        self._specs: tuple[float, dict[str, Any]] | None = None
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.trust_env = False  # never send our token through an environment proxy
+        if self.settings.token:
+            session.headers["Authorization"] = f"token {self.settings.token}"
+        return session
+
+    def reset_connections(self) -> None:
+        """Forgets pooled connections without closing them: for a forked child, whose parent
+        still uses them.
+        """
+        self.session = self._new_session()
 
     # -- REST ------------------------------------------------------------------------------
 
@@ -97,9 +107,10 @@ class JupyterClient:
         """`DELETE /api/kernels/{id}`: stops the kernel and forgets it."""
         self._request("DELETE", f"/api/kernels/{kernel_id}", kernel_id=kernel_id)
 
-    def interrupt_kernel(self, kernel_id: str) -> None:
+    def interrupt_kernel(self, kernel_id: str, timeout: float | None = None) -> None:
         """`POST /api/kernels/{id}/interrupt`: the kernel stops what it runs, keeps its state."""
-        self._request("POST", f"/api/kernels/{kernel_id}/interrupt", kernel_id=kernel_id)
+        self._request("POST", f"/api/kernels/{kernel_id}/interrupt", kernel_id=kernel_id,
+                      timeout=timeout)
 
     def restart_kernel(self, kernel_id: str) -> None:
         """`POST /api/kernels/{id}/restart`: a fresh process under the same id, state lost."""

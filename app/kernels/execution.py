@@ -30,7 +30,9 @@ from app.kernels.errors import ConnectionLost, KernelError, KernelNotFound
 
 INTERRUPT_GRACE_SECONDS = 5.0
 SETTLE_SECONDS = 2.0  # silence after the reply (or idle) that ends the wait for the other half
-RECONNECT_ATTEMPTS = 3
+RECONNECT_ATTEMPTS = 3  # websockets reopened in one execution, at most
+RECONNECT_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # backoff between tries to reopen one
+MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
 
 
 class KernelControl(Protocol):
@@ -48,6 +50,9 @@ class KernelControl(Protocol):
     def release(self, channel: KernelChannel, reusable: bool) -> None:
         """Takes back a channel the loop is done with (`reusable`: it is in a known state)."""
 
+    def describe(self) -> dict[str, Any]:
+        """The server's model of the kernel (`execution_state`, `connections`, ...)."""
+
 
 @dataclass(frozen=True)
 class Message:
@@ -59,10 +64,13 @@ class Message:
 
 @dataclass(frozen=True)
 class End:
-    """The execution is over. `status` is None when the kernel's own reply says how it went."""
+    """The execution is over. `status` is None when the kernel's own reply says how it went;
+    `output_lost` says that messages may have been lost with a broken connection.
+    """
 
     status: str | None = None
     error: dict[str, Any] | None = None
+    output_lost: bool = False
 
 
 Event = Message | End
@@ -95,6 +103,10 @@ class _Run:
         self.session_id = ""
         self.msg_id = ""
         self.reply = self.idle = self.started = self.stdin_refused = False
+        self.last_own = 0.0  # when the latest message of this request arrived
+        self.last_heard = 0.0  # when anything last arrived (or the websocket was reopened)
+        self.reconnects = 0
+        self.output_lost = False  # a reconnect the server could not replay in full
         self.reusable = False  # set once the execution ended with the channel in a known state
         self.death: str | None = None
 
@@ -109,30 +121,42 @@ class _Run:
         request = protocol.execute_request(code, self.session_id, silent)
         self.msg_id = request["header"]["msg_id"]
         self.channel.send(request)
-        yield from self._collect(self.deadline)
-        if not self.complete and not self.death:
-            outcome = yield from self._stop_overrun(grace)
-            if not self.death:
-                self.reusable = outcome in ("interrupted", "not_started")
-                yield End("timeout", self._timeout_error(timeout, outcome, grace))
+        while True:
+            yield from self._collect(self.deadline)
+            if self.death is None:
+                break
+            now = self.clock()
+            crash_until = now + min(crash_wait, max(self.deadline - now, MIN_CRASH_WAIT))
+            ran = self.started
+            state = yield from self._await_restart(crash_until)
+            if ran or state != "restarted" or not self.started:
+                yield End("crashed", _crash_error(state, crash_wait, ran), self.output_lost)
                 return
-        if self.death:
-            state = self._await_restart(self.clock() + crash_wait)
-            yield End("crashed", _crash_error(state, crash_wait))
+            # The kernel died before this code started, and the restarted kernel runs it.
+            self.death = None
+        if not self.complete:
+            outcome = yield from self._stop_overrun(grace)
+            if self.death is None:
+                self.reusable = outcome in ("interrupted", "not_started")
+                yield End("timeout", self._timeout_error(timeout, outcome, grace),
+                          self.output_lost)
+                return
+            yield End("crashed", _crash_error(self.death, crash_wait, True), self.output_lost)
         elif self.stdin_refused:
             yield End("error", {"ename": "StdinNotImplementedError",
                                 "evalue": "the code asked for input, but this proxy offers no "
-                                          "stdin", "traceback": []})
+                                          "stdin", "traceback": []}, self.output_lost)
         else:
             self.reusable = True
-            yield End()
+            yield End(output_lost=self.output_lost)
 
     def _stop_overrun(self, grace: float) -> Generator[Event, None, str]:
         """Stops code that overran its deadline, keeping what it still sends.
 
         Returns `interrupted`, `restarted`, `not_started` or `failed`. Code that never started
         (the kernel was busy with another client's code) is not interrupted: that would stop
-        the other client's code instead.
+        the other client's code instead. A kernel is restarted only if it is really busy: an
+        idle one finished the code, and its answer was lost with a connection.
         """
         if not self.started:
             return "not_started"
@@ -140,37 +164,68 @@ class _Run:
             yield from self._collect(self.clock() + grace)
             if self.complete or self.death:
                 return "interrupted"
+        self._check_answer_not_lost()
         return "restarted" if _attempt(self.kernel.restart) else "failed"
 
     def _collect(self, until: float) -> Iterator[Event]:
         """Yields this request's messages until it completes, the kernel dies or `until`.
 
-        Once the reply (or the idle) is in, the code has finished: silence then ends the wait
-        for the other half instead of counting as an overrun.
+        Once the reply (or the idle) is in, the code has finished: `settle` seconds without a
+        message of this request then end the wait for the other half (never past `until`).
+        After a reconnect, silence is checked against the kernel's own state every `settle`.
         """
         while not self.complete and not self.death:
             half_in = self.reply or self.idle
-            if self.clock() >= until and not half_in:
-                return
-            received = self._recv(min(until, self.clock() + self.settle) if half_in else until)
+            limit = min(until, self.last_own + self.settle) if half_in else until
+            if self.reconnects and not half_in:
+                limit = min(limit, self.last_heard + self.settle)
+            if self.clock() >= limit:
+                if half_in:
+                    self._settle()
+                    continue
+                if self.clock() >= until:
+                    return
+                self._check_answer_not_lost()  # reconnected, and silent for `settle`
+                self.last_heard = self.clock()
+                continue
+            received = self._recv(limit)
             if received is None:
-                if self.reply:
-                    self.idle = True  # the server dropped the idle: the reply is the answer
-                elif self.idle:
-                    raise ConnectionLost(
-                        "the kernel finished, but its reply was lost with the connection to "
-                        "the Jupyter server; the output may be incomplete",
-                        kernel_id=self.channel.kernel_id if self.channel else None)
                 continue
             message, size = received
+            self.last_heard = self.clock()
             if protocol.parent_id(message) == self.msg_id:
                 self._note(message)
                 yield Message(message, size)
             else:
                 self.death = protocol.kernel_death_state(message)
 
+    def _settle(self) -> None:
+        """Silence after half of the answer: the other half is not coming."""
+        if self.reply:
+            self.idle = True  # the server dropped the idle: the reply is the answer
+            return
+        raise ConnectionLost(
+            "the kernel finished, but its reply was lost with the connection to the Jupyter "
+            "server; the output may be incomplete",
+            kernel_id=self.channel.kernel_id if self.channel else None)
+
+    def _check_answer_not_lost(self) -> None:
+        """Raises ConnectionLost if the kernel is idle although this request is not complete:
+        the code finished, and its answer went with a broken connection.
+        """
+        try:
+            state = self.kernel.describe().get("execution_state")
+        except KernelError:
+            return
+        if state == "idle":
+            raise ConnectionLost(
+                "the code finished, but its answer was lost with the connection to the "
+                "Jupyter server (the kernel is idle and keeps its state)",
+                kernel_id=self.channel.kernel_id if self.channel else None)
+
     def _note(self, message: dict[str, Any]) -> None:
         self.started = True
+        self.last_own = self.clock()
         msg_type = message.get("msg_type")
         if msg_type == "execute_reply":
             self.reply = True
@@ -182,38 +237,66 @@ class _Run:
             _attempt(self.kernel.interrupt)
 
     def _recv(self, until: float) -> tuple[dict[str, Any], int] | None:
-        """The next message before `until`, or None; a broken websocket is reopened."""
-        for attempt in range(RECONNECT_ATTEMPTS + 1):
-            try:
-                return self.channel.recv(until - self.clock())
-            except ConnectionLost:
-                if attempt == RECONNECT_ATTEMPTS or self.clock() >= until:
-                    raise
-                self._reconnect(until)
-                if self.death:
-                    return None
-        return None
+        """The next message before `until`, or None (also right after a broken websocket was
+        reopened, so that the caller reconsiders how long to wait).
+        """
+        try:
+            return self.channel.recv(until - self.clock())
+        except ConnectionLost:
+            if self.reconnects >= RECONNECT_ATTEMPTS or self.clock() >= until:
+                raise
+            self.reconnects += 1
+            self._reconnect(until)
+            return None
 
     def _reconnect(self, until: float) -> None:
-        """Reopens the websocket with the same session id: the server replays its buffer."""
+        """Reopens the websocket with the same session id, retrying with backoff until
+        `until`: the server replays what it buffered meanwhile, if ours was the kernel's only
+        connection; otherwise the answer is marked as possibly incomplete.
+        """
         self.channel.close()
-        time.sleep(0.1)
+        error: KernelError | None = None
+        for pause in RECONNECT_PAUSES:
+            time.sleep(min(pause, max(until - self.clock(), 0)))
+            if self.clock() >= until:
+                break
+            try:
+                self.channel = self.kernel.connect(
+                    self.session_id, max(min(self.connect_timeout, until - self.clock()), 0.1))
+            except KernelNotFound:
+                self.death = "shutdown"  # the kernel went away with the connection
+                return
+            except KernelError as err:
+                error = err
+                continue
+            self.last_heard = self.clock()
+            self._note_replay()
+            return
+        raise ConnectionLost("the connection to the Jupyter server broke during the "
+                             "execution and could not be reopened") from error
+
+    def _note_replay(self) -> None:
+        """The server replays a session's messages only when it was the kernel's only
+        connection: with others open, messages sent during the break are gone.
+        """
         try:
-            self.channel = self.kernel.connect(
-                self.session_id, max(min(self.connect_timeout, until - self.clock()), 0.1))
-        except KernelNotFound:
-            self.death = "shutdown"  # the kernel went away with the connection
-        except KernelError as err:
-            raise ConnectionLost("the connection to the Jupyter server broke during the "
-                                 "execution and could not be reopened") from err
+            connections = self.kernel.describe().get("connections")
+        except KernelError:
+            connections = None
+        if not isinstance(connections, int) or connections > 1:
+            self.output_lost = True
 
-    def _await_restart(self, until: float) -> str:
-        """`restarted`, `dead`, or `restarting` if the server said neither before `until`.
+    def _await_restart(self, until: float) -> Generator[Event, None, str]:
+        """Waits for the server to bring a dead kernel back, yielding this request's messages
+        meanwhile (a kernel that died before running the code runs it once restarted).
 
-        A restarted kernel counts as back only once it answers a `kernel_info_request`.
+        Returns `restarted`, `dead`, `shutdown`, or `restarting` if the server said neither
+        before `until`. A restarted kernel counts as back once it answers a
+        `kernel_info_request`, or once it runs this code.
         """
         if self.death in ("dead", "shutdown"):
             return self.death
+        ran_before = self.started
         info_id = None
         while self.clock() < until:
             received = self._recv(until)
@@ -221,7 +304,13 @@ class _Run:
                 return "shutdown"
             if received is None:
                 continue
-            message = received[0]
+            message, size = received
+            if protocol.parent_id(message) == self.msg_id:
+                self._note(message)
+                yield Message(message, size)
+                if not ran_before:
+                    return "restarted"  # back, and running this code
+                continue
             if info_id and message.get("msg_type") == "kernel_info_reply" \
                     and protocol.parent_id(message) == info_id:
                 return "restarted"
@@ -244,8 +333,8 @@ class _Run:
             "interrupted": "the kernel was interrupted and keeps its state",
             "restarted": f"the kernel did not stop on an interrupt within {grace:g} s and was "
                          "restarted: its state is lost",
-            "not_started": "the kernel was busy with other code the whole time; this code "
-                           "did not start and may still run later",
+            "not_started": "the kernel did not start this code in time (it was busy with "
+                           "other code); it was not interrupted",
             "failed": "the kernel could not be interrupted or restarted and may still be "
                       "running it; restart or shut it down",
         }[outcome]
@@ -267,16 +356,18 @@ def _attempt(action: Callable[[], None]) -> bool:
     return True
 
 
-def _crash_error(state: str, crash_wait: float) -> dict[str, Any]:
+def _crash_error(state: str, crash_wait: float, ran: bool) -> dict[str, Any]:
+    if state == "shutdown":
+        return {"ename": "KernelDied",
+                "evalue": "the kernel was shut down while running this code: it is gone",
+                "traceback": []}
     after = {
         "restarted": "the Jupyter server restarted it: the same kernel id works again, with "
                      "empty state",
         "dead": "the Jupyter server could not restart it: the kernel is gone",
     }.get(state, f"the Jupyter server was still restarting it after {crash_wait:g} s")
-    if state == "shutdown":
-        return {"ename": "KernelDied",
-                "evalue": "the kernel was shut down while running this code: it is gone",
-                "traceback": []}
-    return {"ename": "KernelDied",
-            "evalue": f"the kernel died while running this code and its state is lost; {after}",
-            "traceback": []}
+    if ran:
+        what = "the kernel died while running this code and its state is lost"
+    else:
+        what = "the kernel died before this code started, which did not run; its state is lost"
+    return {"ename": "KernelDied", "evalue": f"{what}; {after}", "traceback": []}

@@ -9,8 +9,11 @@ request's code. Executions on different kernels run in parallel.
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 import uuid
+import weakref
 from typing import Any
 
 from app.kernels import protocol
@@ -20,7 +23,7 @@ from app.kernels.connections import ChannelCache
 from app.kernels.locks import KernelLocks
 from app.kernels.pool import KernelPool
 from app.kernels.errors import InvalidRequest, KernelError, UpstreamTimeout
-from app.kernels.execution import End, Message, run_execution
+from app.kernels.execution import INTERRUPT_GRACE_SECONDS, End, Message, run_execution
 from app.kernels.result import ExecutionResult
 from app.logs import StructuredLogger
 
@@ -56,14 +59,20 @@ class KernelManager:
         self.client = client
         self.settings = client.settings
         self.logger = logger or StructuredLogger(__name__)
-        self._locks = KernelLocks(client.base_url)
+        self._pool_size = self.settings.pool_size if pool_size is None else pool_size
+        self._set_up_process_state()
+        # A forked child (gunicorn's preload_app) must not share our websockets, pool or locks.
+        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
+
+    def _set_up_process_state(self) -> None:
+        """What belongs to one process: warm websockets, ready kernels, thread locks."""
+        self._locks = KernelLocks(self.client.base_url)
         self._channels = ChannelCache(self.settings.max_idle_connections)
-        size = self.settings.pool_size if pool_size is None else pool_size
-        self._pool = KernelPool(size, self.settings.kernel_name,
+        self._pool = KernelPool(self._pool_size, self.settings.kernel_name,
                                 start=lambda: self._start_new(self.settings.kernel_name,
                                                               warm=True),
                                 alive=self._is_alive, shutdown=self.client.shutdown_kernel) \
-            if size > 0 else None
+            if self._pool_size > 0 else None
 
     def start_kernel(self, name: str | None = None) -> dict[str, Any]:
         """Starts a kernel of spec `name` (default: settings) and returns once it can execute.
@@ -146,6 +155,7 @@ class KernelManager:
                         result.add(event.message, event.size)
                     else:
                         end = event
+                result.truncated |= end.output_lost
                 answer = result.answer(end.status, end.error)
             else:
                 answer = result.answer("timeout", {
@@ -218,6 +228,14 @@ class KernelManager:
                                 kernel_id=kernel_id)
 
 
+def _after_fork(manager_ref: weakref.ref) -> None:
+    """In a forked child: fresh per-process state; the parent's stays the parent's."""
+    manager = manager_ref()
+    if manager is not None:
+        manager.client.reset_connections()
+        manager._set_up_process_state()
+
+
 class _Kernel:
     """One kernel as the execution loop sees it (`execution.KernelControl`): channels come
     from the worker's cache of warm websockets and go back to it.
@@ -241,8 +259,11 @@ class _Kernel:
         else:
             channel.close()
 
+    def describe(self) -> dict[str, Any]:
+        return self.client.get_kernel(self.kernel_id)
+
     def interrupt(self) -> None:
-        self.client.interrupt_kernel(self.kernel_id)
+        self.client.interrupt_kernel(self.kernel_id, timeout=INTERRUPT_GRACE_SECONDS)
 
     def restart(self) -> None:
         self.client.restart_kernel(self.kernel_id)

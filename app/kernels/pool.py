@@ -54,8 +54,9 @@ class KernelPool:
                 self._changed.notify_all()  # the filler starts a replacement
             if self._alive(kernel["id"]):
                 return kernel
-            log.warning("dropped a pooled kernel that died", extra={
+            log.warning("dropped a pooled kernel that does not answer", extra={
                 "context": {"kernel_id": kernel["id"]}})
+            self._shutdown_quietly(kernel["id"])  # it may only be unreachable: never leak it
 
     def __len__(self) -> int:
         with self._changed:
@@ -68,18 +69,28 @@ class KernelPool:
             return self._changed.wait_for(lambda: len(self._ready) >= self.size or self._closed,
                                           timeout)
 
-    def close(self) -> None:
-        """Stops refilling and shuts the ready kernels down; safe to call twice."""
+    def close(self, timeout: float = 15.0) -> None:
+        """Stops refilling and shuts the ready kernels down, and the one being started (waiting
+        up to `timeout` for it); safe to call twice.
+        """
         with self._changed:
             self._closed = True
             kernels, self._ready = self._ready, []
             self._changed.notify_all()
+            filler = self._filler
         for kernel in kernels:
-            try:
-                self._shutdown(kernel["id"])
-            except KernelError:
-                log.warning("could not shut down a pooled kernel",
-                            extra={"context": {"kernel_id": kernel["id"]}})
+            self._shutdown_quietly(kernel["id"])
+        if filler is not None and filler is not threading.current_thread():
+            filler.join(timeout)  # it shuts down the kernel it was starting
+            if filler.is_alive():
+                log.warning("a kernel the pool was starting may be left running")
+
+    def _shutdown_quietly(self, kernel_id: str) -> None:
+        try:
+            self._shutdown(kernel_id)
+        except KernelError:
+            log.warning("could not shut down a pooled kernel",
+                        extra={"context": {"kernel_id": kernel_id}})
 
     def start(self) -> None:
         """Starts filling in the background (again, if the filler died); cheap to repeat."""
@@ -115,8 +126,5 @@ class KernelPool:
                     self._ready.append(kernel)
                     self._changed.notify_all()
                     continue
-            try:
-                self._shutdown(kernel["id"])  # closed while it started
-            except KernelError:
-                pass
+            self._shutdown_quietly(kernel["id"])  # closed while it started
             return
