@@ -5,6 +5,7 @@ Read by `jupyter-kernel-proxy` (its flags win over these) and by a plain
 the environment or in `.env`, validated with a clear message.
 """
 
+import os
 import sys
 
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
@@ -26,6 +27,10 @@ bind = _settings.proxy_bind
 worker_class = "gthread"
 workers = _settings.proxy_workers
 threads = _settings.proxy_threads
+
+# Workers heartbeat by touching a file on every turn of their loop: keep it in memory (tmpfs)
+# where there is one, not on a disk.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 # gthread workers heartbeat from their main loop, so `timeout` does not limit how long a
 # request may run; it only catches a worker whose main loop is stuck.

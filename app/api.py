@@ -11,6 +11,11 @@ from app.kernels import KernelManager
 
 bp = Blueprint("api", __name__)
 
+# Built once: a marshmallow schema is costly to build and safe to share between threads.
+START_KERNEL = schemas.StartKernelSchema()
+EXECUTE_CODE = schemas.ExecuteCodeSchema()
+SHUTDOWN_KERNEL = schemas.ShutdownKernelSchema()
+
 
 def kernels() -> KernelManager:
     """The worker's kernel manager, shared by its threads."""
@@ -20,21 +25,21 @@ def kernels() -> KernelManager:
 @bp.post("/start_kernel")
 def start_kernel() -> dict[str, Any]:
     """Start a kernel and answer once it can execute code."""
-    body = schemas.load_body(schemas.StartKernelSchema(), optional=True)
+    body = schemas.load_body(START_KERNEL, optional=True)
     return kernels().start_kernel(body.get("name"))
 
 
 @bp.post("/execute_code")
 def execute_code() -> dict[str, Any]:
     """Run code on a kernel and answer with its output, whatever the code did."""
-    body = schemas.load_body(schemas.ExecuteCodeSchema())
+    body = schemas.load_body(EXECUTE_CODE)
     return kernels().execute_code(body["id"], body["code"], body.get("timeout"))
 
 
 @bp.post("/shutdown_kernel")
 def shutdown_kernel() -> dict[str, Any]:
     """Shut a kernel down."""
-    body = schemas.load_body(schemas.ShutdownKernelSchema())
+    body = schemas.load_body(SHUTDOWN_KERNEL)
     return kernels().shutdown_kernel(body["id"])
 
 

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "control_socket_disable": True,
         "loglevel": settings.log_level.lower(),
         "proc_name": "jupyter-kernel-proxy",
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         # On SIGTERM, in-flight executions may run to their deadline and be interrupted.
         "graceful_timeout": math.ceil(settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10,
     }
