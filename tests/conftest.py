@@ -91,6 +91,21 @@ def post(http, path: str, body) -> tuple[int, dict]:
 
 # -- the real command ---------------------------------------------------------------------
 
+def wait_for_health(url: str, timeout: float = 60, process: subprocess.Popen | None = None,
+                    output=lambda: "") -> None:
+    """Returns once `url` answers GET /health; fails if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server exited:\n{output()}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not serve within {timeout} s:\n{output()}")
+
+
 class ProxyProcess:
     """A running `jupyter-kernel-proxy` and everything it printed."""
 
@@ -106,16 +121,7 @@ class ProxyProcess:
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_until_serving(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the proxy exited:\n{self.output()}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise AssertionError(f"the proxy did not serve within {timeout} s:\n{self.output()}")
+        wait_for_health(self.url, timeout, self.process, self.output)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

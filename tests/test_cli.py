@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from app.embedded import free_port
-from tests.conftest import REPO, ProxyProcess
+from tests.conftest import REPO, ProxyProcess, wait_for_health
 
 pytestmark = pytest.mark.integration
 
@@ -103,23 +103,15 @@ def test_embedded_server_serves_and_leaves_nothing_behind(start_proxy):
     assert "embedded jupyter server stopped" in proxy.output()
 
 
-def test_sigint_stops_the_embedded_server_and_its_kernels(start_proxy):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_embedded_server_and_its_kernels_go_with_the_proxy(start_proxy, sig):
+    # SIGINT: an orderly stop. SIGKILL: the proxy gets no say; the server dies with it anyway.
     proxy = start_proxy("--embedded", "--workers", "1")
     kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
     kernel_pid = int(execute(proxy.url, kernel_id, "import os; os.getpid()")
                      ["outputs"][0]["data"]["text/plain"])
     server_pid = embedded_server_pid(proxy)
-    proxy.stop(signal.SIGINT)
-    assert wait_gone([server_pid, kernel_pid]) == []
-
-
-def test_embedded_server_dies_with_a_killed_proxy(start_proxy):
-    proxy = start_proxy("--embedded", "--workers", "1")
-    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
-    kernel_pid = int(execute(proxy.url, kernel_id, "import os; os.getpid()")
-                     ["outputs"][0]["data"]["text/plain"])
-    server_pid = embedded_server_pid(proxy)
-    proxy.stop(signal.SIGKILL)
+    proxy.stop(sig)
     assert wait_gone([server_pid, kernel_pid]) == []
 
 
@@ -161,17 +153,6 @@ def test_plain_gunicorn_with_the_config_file_logs_each_line_once(jupyter_server)
                        if '"message": "request"' in line]
     assert [entry["path"] for entry in requests_logged].count("/shutdown_kernel") == 1
     assert jupyter_server.token not in output
-
-
-def wait_for_health(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not serve within {timeout} s")
 
 
 def test_chunked_body_over_the_limit_is_413(start_proxy, jupyter_server):

@@ -131,7 +131,7 @@ def test_preloaded_workers_never_hand_out_the_same_kernel(jupyter_server):
     from pathlib import Path
 
     from app.embedded import free_port
-    from tests.conftest import REPO
+    from tests.conftest import REPO, wait_for_health
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
@@ -143,13 +143,7 @@ def test_preloaded_workers_never_hand_out_the_same_kernel(jupyter_server):
                                 stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
+        wait_for_health(url, process=gunicorn)
         time.sleep(3)  # the master's pool (built at preload) fills meanwhile
         # Workers forked now would inherit the master's ready kernels: make gunicorn re-fork.
         children = Path(f"/proc/{gunicorn.pid}/task/{gunicorn.pid}/children").read_text()
