@@ -19,8 +19,11 @@ except SettingsError as err:
 # The app: `wsgi.py` builds it with `create_app()` from the same settings.
 wsgi_app = "wsgi:app"
 
-# Loopback by default: this service runs arbitrary code for whoever reaches it.
+# Loopback by default: this service runs arbitrary code for whoever reaches it. A network
+# address needs an API key (or JUPYTER_ALLOW_UNAUTHENTICATED=1).
 bind = _settings.proxy_bind
+if _settings.unsafe_bind(bind.rpartition(":")[0]):
+    sys.exit(f"jupyter-kernel-proxy: {_settings.unsafe_bind(bind.rpartition(':')[0])}")
 
 # gthread: each worker serves `threads` requests at once; an execution blocks one thread for
 # as long as the code runs, so threads bound how many executions a worker runs in parallel.

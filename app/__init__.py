@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import atexit
+import re
 import time
+import uuid
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from app.kernels import JupyterClient, KernelManager
+from app import logs
 from app.logs import StructuredLogger
 from app.settings import Settings
 
@@ -58,12 +61,21 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 def _log_requests(app: Flask, logger: StructuredLogger) -> None:
-    """One JSON line per request: method, path, status, duration and kernel id."""
+    """One JSON line per request (method, path, status, duration, kernel id), and a request id
+    (the client's `X-Request-ID` if it is a sane one, else a new one) on every log line written
+    while serving it and on the answer.
+    """
 
     @app.before_request
     def _start_clock() -> None:
         g.started = time.monotonic()
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        g.request_id_token = logs.request_id.set(g.request_id)
 
     @app.after_request
     def _log(response: Response) -> Response:
@@ -72,4 +84,12 @@ def _log_requests(app: Flask, logger: StructuredLogger) -> None:
                     status=response.status_code, kernel_id=g.get("kernel_id"),
                     duration_ms=round((time.monotonic() - started) * 1000, 2)
                     if started else None)
+        if g.get("request_id"):
+            response.headers["X-Request-ID"] = g.request_id
         return response
+
+    @app.teardown_request
+    def _forget_request_id(_: BaseException | None) -> None:
+        token = g.pop("request_id_token", None)
+        if token is not None:
+            logs.request_id.reset(token)

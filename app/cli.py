@@ -17,7 +17,7 @@ from app import __version__, create_app
 from app.embedded import EmbeddedJupyterServer, EmbeddedServerError
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
-from app.settings import Settings, SettingsError, environment_with_dotenv
+from app.settings import Settings, SettingsError, environment_with_dotenv, is_loopback
 
 # An embedded server is ours alone: keep a ready kernel per worker unless told otherwise.
 EMBEDDED_POOL_SIZE = 1
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-url", help="Jupyter server URL (JUPYTER_SERVER_URL)")
     parser.add_argument("--token", help="Jupyter server token (JUPYTER_TOKEN; prefer the "
                         "environment: a command line is visible to other users)")
+    parser.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                        help="listen on a network address without an API key (dangerous: "
+                        "anyone who reaches the proxy runs code)")
     parser.add_argument("--embedded", action="store_true",
                         help="start a private Jupyter server on loopback and use it")
     parser.add_argument("--host", help="address to listen on (default: 127.0.0.1, or the "
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_environment(environ, server_url=args.server_url,
                                              token=args.token, log_level=args.log_level,
                                              proxy_workers=args.workers,
-                                             proxy_threads=args.threads, pool_size=pool_size)
+                                             proxy_threads=args.threads, pool_size=pool_size,
+                                             allow_unauthenticated=args.allow_unauthenticated)
     except SettingsError as err:
         print(f"jupyter-kernel-proxy: {err}", file=sys.stderr)
         return 2
@@ -125,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         config_file = None
     default_host, _, default_port = settings.proxy_bind.rpartition(":")
     host, port = (args.host or default_host).strip("[]"), args.port or int(default_port)
+    refusal = settings.unsafe_bind(host)
+    if refusal:
+        print(f"jupyter-kernel-proxy: {refusal}", file=sys.stderr)
+        return 2
+    if settings.allow_unauthenticated:
+        os.environ["JUPYTER_ALLOW_UNAUTHENTICATED"] = "1"  # for gunicorn.conf.py's own check
+    if not settings.api_keys and not is_loopback(host):
+        log.warning("LISTENING ON A NETWORK ADDRESS WITHOUT AN API KEY: anyone who reaches "
+                    "this proxy can run code on its kernels", bind=host)
     # The settings that matter are set here too, so that the proxy runs right without a file.
     options: dict[str, Any] = {
         "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],

@@ -30,7 +30,8 @@ KERNEL_ERROR_STATUS: list[tuple[type[kernel_errors.KernelError], int, str]] = [
 ]
 
 HTTP_ERROR_CODES = {
-    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed",
     413: "request_too_large", 415: "unsupported_media_type",
 }
 

@@ -1,4 +1,6 @@
-"""Checks every request passes before a view runs: API key (401) and content type (415)."""
+"""Checks every request passes before a view runs: the Host of a keyless proxy (403), the API
+key (401) and the content type (415).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +9,33 @@ import hmac
 from flask import Flask, current_app, request
 
 from app.errors import ApiError
+from app.settings import is_loopback
 
 PUBLIC_PATHS = frozenset({"/health"})
 
 
 def register_guards(app: Flask) -> None:
     """Installs the checks as `before_request` hooks."""
+    app.before_request(require_known_host)
     app.before_request(require_api_key)
     app.before_request(require_json_body)
+
+
+def require_known_host() -> None:
+    """Without an API key, only requests addressed to a loopback name (or a configured host)
+    are served: a web page cannot reach a local proxy by pointing its own name at 127.0.0.1
+    (DNS rebinding), since the browser then sends that name as the Host.
+    """
+    settings = current_app.config["SETTINGS"]
+    if settings.api_keys:
+        return
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    if is_loopback(host) or host.lower() in settings.extra_hosts:
+        return
+    raise ApiError(403, "host_not_allowed",
+                   "this proxy has no API key, so it only answers requests addressed to "
+                   "localhost or a loopback address; set JUPYTER_PROXY_API_KEY, or list this "
+                   "host name in JUPYTER_ALLOWED_HOSTS")
 
 
 def require_api_key() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +20,8 @@ from gunicorn.glogging import Logger as _GunicornBaseLogger
 from app.settings import LOG_LEVELS
 
 REDACTED = "[redacted]"
+# The id of the request being served by this thread, added to every log line it writes.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 _secrets: tuple[str, ...] = ()
 
 
@@ -34,6 +37,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
+        current_request = request_id.get()
+        if current_request is not None:
+            entry["request_id"] = current_request
         context = getattr(record, "context", None)
         if isinstance(context, dict):
             entry.update({k: v for k, v in context.items() if k not in entry})

@@ -7,6 +7,7 @@ files and the process environment, through `Settings.from_environment`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class Settings:
     max_output_bytes: int = 10 * MIB
     max_idle_connections: int = 64
     pool_size: int = 0
+    allowed_hosts: str = ""
+    allow_unauthenticated: bool = False
     proxy_bind: str = "127.0.0.1:8000"
     proxy_workers: int = 2
     proxy_threads: int = 8
@@ -106,6 +109,21 @@ class Settings:
         return tuple(key.strip() for key in self.proxy_api_key.split(",") if key.strip())
 
     @property
+    def extra_hosts(self) -> frozenset[str]:
+        """Host names, besides loopback ones, that requests may address when there is no key."""
+        return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+
+    def unsafe_bind(self, host: str) -> str | None:
+        """Why listening on `host` is refused (a network address and no API key), or None."""
+        if self.api_keys or self.allow_unauthenticated or is_loopback(host):
+            return None
+        return (f"refusing to listen on {host}, which other machines can reach, without an API "
+                "key: anyone who reaches this proxy can run code on its kernels. Set "
+                "JUPYTER_PROXY_API_KEY=<a long random secret> (clients then send "
+                "'Authorization: Bearer <key>'), or pass --allow-unauthenticated "
+                "(JUPYTER_ALLOW_UNAUTHENTICATED=1) if something else guards it")
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line or an error body."""
         return tuple(s for s in (self.token, *self.api_keys) if s)
@@ -136,6 +154,17 @@ class Settings:
         return cls(**values)
 
 
+def is_loopback(host: str) -> bool:
+    """True for a loopback name or address: localhost, 127.0.0.0/8, ::1 (brackets allowed)."""
+    host = host.strip().strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def environment_with_dotenv(path: str | Path = ".env") -> dict[str, str]:
     """The process environment on top of the `.env` file at `path` (if there is one)."""
     merged = {k: v for k, v in dotenv_values(path).items() if v is not None} \
@@ -147,6 +176,12 @@ def environment_with_dotenv(path: str | Path = ".env") -> dict[str, str]:
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     name = ENV_PREFIX + f.name.upper()
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind == "bool":
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name} must be true or false (got {raw!r})")
     try:
         if kind == "float":
             return float(raw)

@@ -1,0 +1,122 @@
+"""Safe defaults: a keyless proxy answers only loopback Hosts and only listens on loopback;
+request ids tie a client's request to every log line it caused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from app import create_app
+from app.logs import configure_logging
+from tests.conftest import REPO, ProxyProcess
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "10.0.0.5:8000",
+                                  "localhost.evil.example"])
+def test_keyless_proxy_refuses_requests_for_other_hosts(settings, host):
+    http = create_app(settings).test_client()
+    for response in (http.get("/health", headers={"Host": host}),
+                     http.post("/start_kernel", headers={"Host": host})):
+        assert response.status_code == 403
+        assert response.get_json()["error"] == "host_not_allowed"
+        assert "JUPYTER_PROXY_API_KEY" in response.get_json()["message"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:8000",
+                                  "127.1.2.3", "[::1]:8000"])
+def test_keyless_proxy_answers_loopback_hosts(settings, host):
+    http = create_app(settings).test_client()
+    assert http.get("/health", headers={"Host": host}).status_code == 200
+
+
+def test_configured_hosts_and_keyed_proxies_answer_any_host(settings):
+    allowed = create_app(settings.replace(allowed_hosts="proxy.internal")).test_client()
+    assert allowed.get("/health", headers={"Host": "proxy.internal"}).status_code == 200
+    assert allowed.get("/health", headers={"Host": "other.internal"}).status_code == 403
+    keyed = create_app(settings.replace(proxy_api_key="k3y")).test_client()
+    assert keyed.get("/health", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_no_cors_headers(http):
+    response = http.get("/health", headers={"Origin": "https://evil.example"})
+    assert not [h for h in response.headers.keys() if h.lower().startswith("access-control")]
+
+
+@pytest.fixture
+def log_lines():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging("INFO", stream=stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def test_request_id_is_returned_and_on_every_log_line_of_the_request(http, shared_kernel,
+                                                                      log_lines):
+    response = http.post("/execute_code", json={"id": shared_kernel, "code": "1"},
+                         headers={"X-Request-ID": "trace-42"})
+    assert response.headers["X-Request-ID"] == "trace-42"
+    tagged = [line for line in log_lines() if line.get("request_id") == "trace-42"]
+    assert {line["message"] for line in tagged} >= {"code executed", "request"}
+
+
+@pytest.mark.parametrize("given", [None, "", "has spaces", "x" * 200, "quote\"s"])
+def test_missing_or_odd_request_ids_are_replaced(http, given):
+    headers = {"X-Request-ID": given} if given is not None else {}
+    answered = http.get("/health", headers=headers).headers["X-Request-ID"]
+    assert answered != given and len(answered) == 32
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "app.cli", "--env-file", "/dev/null", *args],
+                          env=full_env, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, env", [
+    (["--host", "0.0.0.0"], {}),
+    ([], {"JUPYTER_PROXY_BIND": "0.0.0.0:8000"}),
+])
+def test_network_address_without_a_key_is_refused(args, env):
+    done = run_cli(*args, env=env)
+    assert done.returncode == 2
+    assert "JUPYTER_PROXY_API_KEY" in done.stderr and "--allow-unauthenticated" in done.stderr
+
+
+def test_plain_gunicorn_refuses_a_network_address_without_a_key():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env["JUPYTER_PROXY_BIND"] = "0.0.0.0:8000"
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "JUPYTER_PROXY_API_KEY" in done.stderr
+
+
+@pytest.mark.parametrize("extra, env", [
+    (["--allow-unauthenticated"], {}),
+    ([], {"JUPYTER_PROXY_API_KEY": "s3cret-key"}),
+])
+def test_network_address_with_a_key_or_the_override_starts(jupyter_server, extra, env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    full_env.update(JUPYTER_TOKEN=jupyter_server.token, **env)
+    proxy = ProxyProcess(["--server-url", jupyter_server.url, "--host", "0.0.0.0",
+                          "--workers", "1", "--env-file", "/dev/null", *extra], full_env)
+    try:
+        proxy.wait_until_serving()
+        assert requests.get(f"{proxy.url}/health", timeout=10).status_code == 200
+    finally:
+        proxy.stop()
+    if extra:
+        assert "WITHOUT AN API KEY" in proxy.output()
+    assert "s3cret-key" not in proxy.output()
