@@ -42,14 +42,25 @@ timeout = 30
 # On SIGTERM let in-flight executions run to their deadline, be interrupted and answer.
 graceful_timeout = int(_settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10
 
+# Recycle each worker after about this many requests (jittered, so that workers don't restart
+# together): a bound on slow leaks. A recycled worker's pooled kernels are shut down and its
+# replacement refills the pool.
+max_requests = 10000
+max_requests_jitter = 1000
+
+# Trust X-Forwarded-* headers only from a reverse proxy on this host (nginx in deploy/).
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
 # Longer than nginx's upstream keepalive_timeout (60 s by default), so that gunicorn never
 # closes a kept-alive connection that nginx is about to reuse.
 keepalive = 75
 
 # JSON lines, like the app's own logs. gunicorn's access log is off: the app logs every
-# request itself, with its duration and kernel id.
+# request itself, with its duration, kernel id and request id (accesslog = "-" adds gunicorn's
+# own lines, in JSON too).
 logger_class = "app.logs.GunicornLogger"
 errorlog = "-"
+accesslog = None
 loglevel = _settings.log_level.lower()
 
 # gunicorn 25+ opens a control socket shared by every gunicorn of the user

@@ -21,6 +21,9 @@ KERNEL_ERROR_STATUS: list[tuple[type[kernel_errors.KernelError], int, str]] = [
     (kernel_errors.InvalidRequest, 400, "invalid_request"),
     (kernel_errors.KernelSpecNotFound, 400, "unknown_kernel_spec"),
     (kernel_errors.KernelNotFound, 404, "kernel_not_found"),
+    (kernel_errors.CodeTooLarge, 413, "code_too_large"),
+    (kernel_errors.TooManyKernels, 429, "too_many_kernels"),
+    (kernel_errors.KernelBusy, 429, "kernel_busy"),
     (kernel_errors.UpstreamAuthError, 502, "upstream_auth_failed"),
     (kernel_errors.ConnectionLost, 502, "upstream_connection_lost"),
     (kernel_errors.UpstreamError, 502, "bad_upstream_response"),
@@ -31,7 +34,7 @@ KERNEL_ERROR_STATUS: list[tuple[type[kernel_errors.KernelError], int, str]] = [
 
 HTTP_ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed",
+    405: "method_not_allowed", 429: "too_many_requests",
     413: "request_too_large", 415: "unsupported_media_type",
 }
 

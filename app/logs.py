@@ -152,5 +152,6 @@ class GunicornLogger(_GunicornBaseLogger):
             "duration_ms": round(request_time.total_seconds() * 1000, 3),
             "remote_addr": environ.get("REMOTE_ADDR"),
             "user_agent": environ.get("HTTP_USER_AGENT"),
+            "request_id": dict(getattr(resp, "headers", []) or []).get("X-Request-ID"),
         }
         self.access_log.info("access", extra={"context": context})

@@ -44,6 +44,9 @@ class Settings:
     kernel_start_timeout: float = 60.0
     max_request_bytes: int = 10 * MIB
     max_output_bytes: int = 10 * MIB
+    max_code_bytes: int = MIB
+    max_kernels: int = 0
+    max_queued_executions: int = 16
     max_idle_connections: int = 64
     pool_size: int = 0
     allowed_hosts: str = ""
@@ -83,7 +86,8 @@ class Settings:
         _require(self, "crash_sleep_duration", lambda v: v >= 0, "a number of seconds, 0 or more")
         for name in ("max_request_bytes", "max_output_bytes"):
             _require(self, name, lambda v: v > 0, "a whole number of bytes greater than 0")
-        for name in ("max_idle_connections", "pool_size"):
+        _require(self, "max_code_bytes", lambda v: v > 0, "a whole number of bytes greater than 0")
+        for name in ("max_idle_connections", "pool_size", "max_kernels", "max_queued_executions"):
             _require(self, name, lambda v: v >= 0, "a whole number, 0 or more")
         for name in ("proxy_workers", "proxy_threads"):
             _require(self, name, lambda v: v >= 1, "a whole number, 1 or more")

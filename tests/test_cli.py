@@ -138,20 +138,26 @@ def test_plain_gunicorn_with_the_config_file_logs_each_line_once(jupyter_server)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
     env.update(JUPYTER_SERVER_URL=jupyter_server.url, JUPYTER_TOKEN=jupyter_server.token,
                JUPYTER_PROXY_BIND=f"127.0.0.1:{port}", JUPYTER_PROXY_WORKERS="1")
-    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-                                env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                                 "--access-logfile", "-"],
+                                env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_health(url)
-        requests.post(f"{url}/shutdown_kernel",
-                      json={"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"}, timeout=30)
+        answer = requests.post(f"{url}/shutdown_kernel", headers={"X-Request-ID": "req-7"},
+                               json={"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"}, timeout=30)
+        assert answer.headers["X-Request-ID"] == "req-7"
     finally:
         gunicorn.terminate()
-        output = gunicorn.communicate(timeout=60)[1]
-    requests_logged = [json.loads(line) for line in output.splitlines()
-                       if '"message": "request"' in line]
+        output = gunicorn.communicate(timeout=60)[0]
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # all JSON
+    requests_logged = [entry for entry in lines if entry["message"] == "request"]
     assert [entry["path"] for entry in requests_logged].count("/shutdown_kernel") == 1
+    access = [entry for entry in lines if entry["message"] == "access"
+              and entry["path"] == "/shutdown_kernel"]
+    assert access and access[0]["request_id"] == "req-7" and access[0]["status"] == 404
+    assert access[0]["duration_ms"] >= 0
     assert jupyter_server.token not in output
 
 

@@ -5,11 +5,14 @@ No Flask here: this package is also the proxy's Python API.
 
 from app.kernels.client import JupyterClient
 from app.kernels.errors import (
+    CodeTooLarge,
     ConnectionLost,
     InvalidRequest,
+    KernelBusy,
     KernelError,
     KernelNotFound,
     KernelSpecNotFound,
+    TooManyKernels,
     UpstreamAuthError,
     UpstreamError,
     UpstreamTimeout,
@@ -18,13 +21,16 @@ from app.kernels.errors import (
 from app.kernels.manager import KernelManager
 
 __all__ = [
+    "CodeTooLarge",
     "ConnectionLost",
     "InvalidRequest",
     "JupyterClient",
+    "KernelBusy",
     "KernelError",
     "KernelManager",
     "KernelNotFound",
     "KernelSpecNotFound",
+    "TooManyKernels",
     "UpstreamAuthError",
     "UpstreamError",
     "UpstreamTimeout",

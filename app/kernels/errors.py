@@ -53,3 +53,15 @@ class UpstreamUnavailable(KernelError):
 
 class UpstreamTimeout(KernelError):
     """The Jupyter server, or a kernel starting on it, did not answer in time (504)."""
+
+
+class CodeTooLarge(KernelError):
+    """The code is longer than the proxy accepts (`max_code_bytes`)."""
+
+
+class TooManyKernels(KernelError):
+    """The Jupyter server already runs as many kernels as the proxy allows (`max_kernels`)."""
+
+
+class KernelBusy(KernelError):
+    """Too many executions already wait for this kernel (`max_queued_executions`)."""

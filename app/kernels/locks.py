@@ -23,22 +23,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from app.kernels.errors import KernelBusy
+
 log = logging.getLogger(__name__)
 
 
 class KernelLocks:
     """The locks of the kernels of one Jupyter server (named by its URL)."""
 
-    def __init__(self, server_url: str) -> None:
+    def __init__(self, server_url: str, max_waiting: int = 0) -> None:
+        """`max_waiting` callers may wait for a kernel in this process (0: no limit)."""
+        self.max_waiting = max_waiting
         self._guard = threading.Lock()
         self._threads: dict[str, tuple[threading.Lock, int]] = {}
         self._directory = _private_directory(server_url)
 
     @contextmanager
     def hold(self, kernel_id: str, deadline: float) -> Iterator[bool]:
-        """Holds the kernel's lock (yields True), or yields False if `deadline` passes first."""
+        """Holds the kernel's lock (yields True), or yields False if `deadline` passes first.
+
+        Raises `KernelBusy` at once if `max_waiting` callers already wait for this kernel.
+        """
         with self._guard:
             lock, users = self._threads.get(kernel_id, (threading.Lock(), 0))
+            if self.max_waiting and users > self.max_waiting:  # one holds it, the rest wait
+                raise KernelBusy(f"{users - 1} executions already wait for this kernel "
+                                 f"(JUPYTER_MAX_QUEUED_EXECUTIONS is {self.max_waiting}); "
+                                 "try again when it is less busy", kernel_id=kernel_id)
             self._threads[kernel_id] = (lock, users + 1)
         try:
             if not lock.acquire(timeout=max(deadline - time.monotonic(), 0)):

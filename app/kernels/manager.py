@@ -22,7 +22,13 @@ from app.kernels.client import JupyterClient
 from app.kernels.connections import ChannelCache
 from app.kernels.locks import KernelLocks
 from app.kernels.pool import KernelPool
-from app.kernels.errors import InvalidRequest, KernelError, UpstreamTimeout
+from app.kernels.errors import (
+    CodeTooLarge,
+    InvalidRequest,
+    KernelError,
+    TooManyKernels,
+    UpstreamTimeout,
+)
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS, End, Message, run_execution
 from app.kernels.result import ExecutionResult
 from app.logs import StructuredLogger
@@ -66,7 +72,7 @@ class KernelManager:
 
     def _set_up_process_state(self) -> None:
         """What belongs to one process: warm websockets, ready kernels, thread locks."""
-        self._locks = KernelLocks(self.client.base_url)
+        self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions)
         self._channels = ChannelCache(self.settings.max_idle_connections)
         self._pool = KernelPool(self._pool_size, self.settings.kernel_name,
                                 start=lambda: self._start_new(self.settings.kernel_name,
@@ -98,6 +104,7 @@ class KernelManager:
         """Starts a kernel and waits until it is ready; `warm` also runs a silent first cell,
         which costs a new kernel twice an ordinary one (imports, history set-up).
         """
+        self._check_kernel_count()
         started = time.monotonic()
         model = self.client.start_kernel(name)
         kernel_id = model["id"]
@@ -117,6 +124,14 @@ class KernelManager:
                          duration_ms=round((time.monotonic() - started) * 1000, 1))
         return {"id": kernel_id, "name": model.get("name", name),
                 "execution_state": "idle", "last_activity": model.get("last_activity")}
+
+    def _check_kernel_count(self) -> None:
+        """Refuses a new kernel once the server runs `max_kernels` (0: no limit)."""
+        limit = self.settings.max_kernels
+        if limit and len(self.client.list_kernels()) >= limit:
+            raise TooManyKernels(f"the Jupyter server already runs {limit} kernels, as many as "
+                                 "JUPYTER_MAX_KERNELS allows; shut one down first",
+                                 max_kernels=limit)
 
     def _is_alive(self, kernel_id: str) -> bool:
         """True if the kernel still answers: its warm channel is clean, or one can be opened."""
@@ -140,6 +155,9 @@ class KernelManager:
         check_kernel_id(kernel_id)
         timeout = self._check_timeout(timeout)
         _check_text(code, "code")
+        if len(code.encode()) > self.settings.max_code_bytes:
+            raise CodeTooLarge(f"the code is longer than JUPYTER_MAX_CODE_BYTES "
+                               f"({self.settings.max_code_bytes} bytes) allows")
         started = time.monotonic()
         deadline = started + timeout
         result = ExecutionResult(self.settings.max_output_bytes)
