@@ -19,10 +19,11 @@ from tests.conftest import REPO, ProxyProcess, wait_for_health
 pytestmark = pytest.mark.integration
 
 
-def execute(url: str, kernel_id: str, code: str, **extra) -> dict:
+def execute(url: str, kernel_id: str, code: str, key: str | None = None, **extra) -> dict:
     """POSTs an execution on a fresh connection (so that any worker may take it)."""
+    headers = {"Connection": "close", **({"Authorization": f"Bearer {key}"} if key else {})}
     response = requests.post(f"{url}/execute_code", json={"id": kernel_id, "code": code, **extra},
-                             headers={"Connection": "close"}, timeout=60)
+                             headers=headers, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -88,13 +89,20 @@ def test_logs_are_json_lines_without_the_token(start_proxy, jupyter_server):
 
 
 def test_embedded_server_serves_and_leaves_nothing_behind(start_proxy):
-    proxy = start_proxy("--embedded", "--workers", "2")
-    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
-    answer = execute(proxy.url, kernel_id, "import os; os.getpid()")
+    key = "api-key-the-kernel-must-not-see"
+    proxy = start_proxy("--embedded", "--workers", "2", env={"JUPYTER_PROXY_API_KEY": key})
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60,
+                              headers={"Authorization": f"Bearer {key}"}).json()["id"]
+    answer = execute(proxy.url, kernel_id, "import os; os.getpid()", key)
     kernel_pid = int(answer["outputs"][0]["data"]["text/plain"])
-    answer = execute(proxy.url, kernel_id, "import os; sorted(k for k in os.environ "
-                                           "if 'TOKEN' in k or 'API_KEY' in k)")
-    assert answer["outputs"][0]["data"]["text/plain"] == "[]"
+    # The embedded server's token is in no log line; the kernel must not find it (or the key)
+    # anywhere in its environment.
+    answer = execute(proxy.url, kernel_id, "import os; '\\n'.join(os.environ.values())", key)
+    environment = answer["outputs"][0]["data"]["text/plain"]
+    assert key not in environment and "JUPYTER_TOKEN" not in environment
+    token_check = execute(proxy.url, kernel_id, "import os; sorted(k for k in os.environ "
+                                                "if 'TOKEN' in k or 'API_KEY' in k)", key)
+    assert token_check["outputs"][0]["data"]["text/plain"] == "[]"
     server_pid = embedded_server_pid(proxy)
     assert process_alive(server_pid) and process_alive(kernel_pid)
 

@@ -1,0 +1,118 @@
+"""The documented deployment, for real: nginx (Debian's package) with deploy/nginx-site.conf in
+front of the gunicorn-served proxy, all on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from app.embedded import free_port
+from tests.conftest import REPO, wait_for_health
+
+pytestmark = pytest.mark.integration
+
+SITE = REPO / "deploy" / "nginx-site.conf"
+MAIN_CONFIG = """\
+{user}
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include {tmp}/site.conf;
+}}
+"""
+
+
+def nginx_binary() -> str:
+    """nginx from Debian's packages, installed on first need where we may (root, apt)."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                      else None)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run("apt-get update -qq && apt-get install -y -qq nginx-light", shell=True,
+                       env=env, capture_output=True, timeout=600)
+        found = shutil.which("nginx") or "/usr/sbin/nginx"
+    if found is None or not Path(found).exists():
+        pytest.fail("these tests need nginx: apt-get install nginx-light (.ci/run does)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def proxy_behind_nginx(jupyter_server, tmp_path_factory):
+    """The real proxy (gunicorn) and nginx in front of it; yields nginx's URL."""
+    from tests.conftest import ProxyProcess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env["JUPYTER_TOKEN"] = jupyter_server.token
+    proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2",
+                          "--env-file", "/dev/null"], env)
+    proxy.wait_until_serving()
+    tmp = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    site = SITE.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{proxy.port}") \
+        .replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp / "site.conf").write_text(site)
+    user = "user root root;" if os.geteuid() == 0 else ""
+    (tmp / "nginx.conf").write_text(MAIN_CONFIG.format(tmp=tmp, user=user))
+    nginx = subprocess.Popen([nginx_binary(), "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, 30, nginx, lambda: (tmp / "error.log").read_text())
+        yield url
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(30)
+        proxy.stop()
+
+
+def test_start_execute_shutdown_through_nginx(proxy_behind_nginx):
+    url = proxy_behind_nginx
+    with requests.Session() as client:  # keep-alive through nginx, as clients do
+        kernel_id = client.post(f"{url}/start_kernel", timeout=60).json()["id"]
+        answer = client.post(f"{url}/execute_code", json={"id": kernel_id, "code": "6 * 7"},
+                             headers={"X-Request-ID": "via-nginx"}, timeout=60)
+        assert answer.status_code == 200
+        assert answer.json()["outputs"][0]["data"]["text/plain"] == "42"
+        assert answer.headers["X-Request-ID"] == "via-nginx"
+        bad = client.post(f"{url}/execute_code", json={"id": "nope", "code": "1"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"] == "invalid_request"
+        done = client.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, timeout=60)
+        assert done.json() == {"message": f"Kernel {kernel_id} shutdown"}
+
+
+def test_nginx_makes_up_a_request_id_when_the_client_sends_none(proxy_behind_nginx):
+    answer = requests.get(f"{proxy_behind_nginx}/health", timeout=30)
+    assert answer.status_code == 200
+    assert len(answer.headers["X-Request-ID"]) == 32  # nginx's $request_id, kept by the proxy
+
+
+def test_execution_longer_than_nginx_default_read_timeout(proxy_behind_nginx):
+    # nginx gives up on a silent upstream after 60 s unless told otherwise; the site says more.
+    url = proxy_behind_nginx
+    kernel_id = requests.post(f"{url}/start_kernel", timeout=60).json()["id"]
+    try:
+        started = time.monotonic()
+        answer = requests.post(f"{url}/execute_code", timeout=120, json={
+            "id": kernel_id, "code": "import time; time.sleep(65); 'still here'"})
+        assert time.monotonic() - started >= 65
+        assert answer.status_code == 200
+        assert answer.json()["outputs"][0]["data"]["text/plain"] == "'still here'"
+    finally:
+        requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, timeout=60)
