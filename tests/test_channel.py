@@ -91,3 +91,49 @@ def test_warm_websocket_notices_its_kernel_was_shut_down_elsewhere(settings, man
     with pytest.raises(KernelNotFound):
         manager.execute_code(kernel_id, "1", timeout=30)
     assert time.monotonic() - started < 5
+
+
+def test_pings_do_not_stretch_a_receive_past_its_timeout():
+    """A server that pings without end must not keep recv() waiting: each ping restarts the
+    socket's own timeout, so the channel keeps its own deadline."""
+    import base64
+    import hashlib
+    import socket
+    import threading
+
+    from app.kernels.channel import KernelChannel
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))
+        accept = base64.b64encode(hashlib.sha1(
+            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        while not stop.wait(0.05):
+            try:
+                conn.sendall(b"\x89\x00")  # an empty ping frame
+            except OSError:
+                break
+        conn.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    url = f"ws://127.0.0.1:{listener.getsockname()[1]}/api/kernels/k/channels"
+    channel = KernelChannel.open(url, "k", [], timeout=5)
+    try:
+        started = time.monotonic()
+        assert channel.recv(0.5) is None
+        assert time.monotonic() - started < 2
+    finally:
+        stop.set()
+        channel.close()
+        server.join(5)
+        listener.close()

@@ -11,12 +11,14 @@ import json
 import select
 import socket
 import ssl
+import time
 import uuid
 from typing import Any
 
 import websocket
 
 from app.kernels import protocol
+from app.metrics import metrics
 from app.kernels.errors import (
     ConnectionLost,
     KernelNotFound,
@@ -51,6 +53,8 @@ class KernelChannel:
         self.ws = ws
         self.kernel_id = kernel_id
         self.session_id = session_id
+        self._open = True
+        metrics().open_websockets.inc()
 
     @classmethod
     def open(cls, url: str, kernel_id: str, headers: list[str], timeout: float,
@@ -98,22 +102,36 @@ class KernelChannel:
                                  kernel_id=self.kernel_id) from err
 
     def recv(self, timeout: float) -> tuple[dict[str, Any], int] | None:
-        """The next message and its size in bytes, or None if `timeout` passes first."""
+        """The next message and its size in bytes, or None if `timeout` passes first.
+
+        Control frames are read one at a time (pings answered) and the time left recomputed
+        after each: websocket-client's own `recv()` would wait through any number of pings,
+        each one restarting the socket's timeout.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                self.ws.settimeout(max(remaining, 0.001))
+                _ack_quickly(self.ws.sock)
+                opcode, frame = self.ws.recv_data_frame(control_frame=True)
+            except (websocket.WebSocketTimeoutException, socket.timeout, TimeoutError):
+                return None
+            except (websocket.WebSocketException, OSError) as err:
+                raise ConnectionLost("the websocket to the kernel broke",
+                                     kernel_id=self.kernel_id) from err
+            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                break
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise ConnectionLost("the Jupyter server closed the websocket to the kernel",
+                                     kernel_id=self.kernel_id)
+        data = frame.data
         try:
-            self.ws.settimeout(max(timeout, 0.001))
-            _ack_quickly(self.ws.sock)
-            frame = self.ws.recv()
-        except (websocket.WebSocketTimeoutException, socket.timeout, TimeoutError):
-            return None
-        except (websocket.WebSocketException, OSError) as err:
-            raise ConnectionLost("the websocket to the kernel broke",
-                                 kernel_id=self.kernel_id) from err
-        if frame == "" or frame == b"":
-            raise ConnectionLost("the Jupyter server closed the websocket to the kernel",
-                                 kernel_id=self.kernel_id)
-        try:
-            return protocol.decode(frame), len(frame)
-        except (ValueError, json.JSONDecodeError):
+            payload = data.decode("utf-8") if opcode == websocket.ABNF.OPCODE_TEXT else data
+            return protocol.decode(payload), len(data)
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
             raise UpstreamError("the Jupyter server sent a websocket frame that is not a "
                                 "Jupyter message", kernel_id=self.kernel_id) from None
 
@@ -132,6 +150,9 @@ class KernelChannel:
 
     def close(self) -> None:
         """Closes the websocket; safe to call twice."""
+        if self._open:
+            self._open = False
+            metrics().open_websockets.dec()
         try:
             self.ws.close(timeout=0.5)
         except Exception:  # noqa: BLE001 - closing is best effort, nothing to report

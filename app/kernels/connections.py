@@ -142,7 +142,7 @@ def drain(channel: KernelChannel, until: float) -> bool:
                 return False
             received = channel.recv(max(until - time.monotonic(), 0.001))
             if received is None:
-                return False  # a frame started but did not finish in time
+                break  # a ping, or a frame still arriving: the next reader finishes it
             if protocol.kernel_death_state(received[0]) in ("dead", "shutdown"):
                 return False
     except KernelError:
