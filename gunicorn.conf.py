@@ -6,9 +6,12 @@ the environment or in `.env`, validated with a clear message.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
+from app.metrics import MULTIPROC_DIR, worker_exited
 from app.settings import Settings, SettingsError, environment_with_dotenv
 
 try:
@@ -62,6 +65,23 @@ logger_class = "app.logs.GunicornLogger"
 errorlog = "-"
 accesslog = None
 loglevel = _settings.log_level.lower()
+
+# Metrics: every worker counts into one directory (prometheus_client's multiprocess mode), so
+# any worker answers GET /metrics for all; a worker that exits stops counting in live gauges.
+_metrics_dir = None
+if not os.environ.get(MULTIPROC_DIR):
+    _metrics_dir = os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(
+        prefix="jupyter-kernel-proxy-metrics-")
+
+
+def child_exit(server, worker):
+    worker_exited(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+
 
 # gunicorn 25+ opens a control socket shared by every gunicorn of the user
 # (~/.gunicorn/gunicorn.ctl); two proxies on one machine would collide on it.

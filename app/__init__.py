@@ -19,6 +19,7 @@ from flask import Flask, Response, g, request
 from app.kernels import JupyterClient, KernelManager
 from app import logs
 from app.logs import StructuredLogger
+from app.metrics import metrics
 from app.settings import Settings
 
 __all__ = ["JupyterClient", "KernelManager", "Settings", "StructuredLogger", "create_app"]
@@ -80,10 +81,14 @@ def _log_requests(app: Flask, logger: StructuredLogger) -> None:
     @app.after_request
     def _log(response: Response) -> Response:
         started = g.get("started")
+        elapsed = time.monotonic() - started if started else None
         logger.info("request", method=request.method, path=request.path,
                     status=response.status_code, kernel_id=g.get("kernel_id"),
-                    duration_ms=round((time.monotonic() - started) * 1000, 2)
-                    if started else None)
+                    duration_ms=round(elapsed * 1000, 2) if elapsed is not None else None)
+        if elapsed is not None:
+            endpoint = request.url_rule.rule if request.url_rule else "(no route)"
+            metrics().request_seconds.labels(endpoint, str(response.status_code)) \
+                .observe(elapsed)
         if g.get("request_id"):
             response.headers["X-Request-ID"] = g.request_id
         return response

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
 
 from app import schemas
 from app.kernels import KernelManager
+from app.metrics import render
 
 bp = Blueprint("api", __name__)
 
@@ -41,6 +42,13 @@ def shutdown_kernel() -> dict[str, Any]:
     """Shut a kernel down."""
     body = schemas.load_body(SHUTDOWN_KERNEL)
     return kernels().shutdown_kernel(body["id"])
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    """Prometheus metrics of every worker; needs the API key when one is set."""
+    body, content_type = render()
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/health")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from app import __version__, create_app
 from app.embedded import EmbeddedJupyterServer, EmbeddedServerError
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
+from app.metrics import MULTIPROC_DIR, worker_exited
 from app.settings import Settings, SettingsError, environment_with_dotenv, is_loopback
 
 # An embedded server is ours alone: keep a ready kernel per worker unless told otherwise.
@@ -152,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         # On SIGTERM, in-flight executions may run to their deadline and be interrupted.
         "graceful_timeout": math.ceil(settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10,
     }
+    metrics_dir = None
+    if not os.environ.get(MULTIPROC_DIR):
+        # Every worker counts into this directory; any of them answers GET /metrics.
+        metrics_dir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-metrics-")
+        os.environ[MULTIPROC_DIR] = metrics_dir
+    options["child_exit"] = lambda server, worker: worker_exited(worker.pid)
     master_pid = os.getpid()
     embedded = None
     try:
@@ -171,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # gunicorn's workers are forks of this process and leave through here too: only the
         # process that started the embedded server may stop it.
-        if embedded is not None and os.getpid() == master_pid:
-            embedded.stop()
+        if os.getpid() == master_pid:
+            if embedded is not None:
+                embedded.stop()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.kernels import errors as kernel_errors
 from app.logs import StructuredLogger
+from app.metrics import metrics
 
 # Most specific first: the first matching class decides.
 KERNEL_ERROR_STATUS: list[tuple[type[kernel_errors.KernelError], int, str]] = [
@@ -70,6 +71,7 @@ def register_error_handlers(app: Flask) -> None:
         status, code = next((s, c) for cls, s, c in KERNEL_ERROR_STATUS if isinstance(err, cls))
         if status >= 500:
             log.warning("upstream failure", error=code, reason=err.message)
+            metrics().upstream_errors.labels(code).inc()
         return error_response(status, code, err.message, err.details)
 
     @app.errorhandler(ValidationError)

@@ -32,6 +32,7 @@ from app.kernels.errors import (
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS, End, Message, run_execution
 from app.kernels.result import ExecutionResult
 from app.logs import StructuredLogger
+from app.metrics import metrics
 
 
 def check_kernel_id(kernel_id: str) -> str:
@@ -92,8 +93,11 @@ class KernelManager:
         if kernel is not None:
             self.logger.info("kernel handed out from the pool", kernel_id=kernel["id"],
                              kernel_name=name)
+            metrics().kernels_started.labels("pool").inc()
             return kernel
-        return self._start_new(name)
+        kernel = self._start_new(name)
+        metrics().kernels_started.labels("new").inc()
+        return kernel
 
     def warm_up(self) -> None:
         """Starts filling the kernel pool in the background (if there is one)."""
@@ -181,8 +185,11 @@ class KernelManager:
                     "evalue": f"the kernel stayed busy with earlier code for the whole "
                               f"{timeout:g} s deadline; this code did not run",
                     "traceback": []})
+        elapsed = time.monotonic() - started
         self.logger.info("code executed", kernel_id=kernel_id, status=answer["status"],
-                         duration_ms=round((time.monotonic() - started) * 1000, 1))
+                         duration_ms=round(elapsed * 1000, 1))
+        metrics().executions.labels(answer["status"]).inc()
+        metrics().execution_seconds.observe(elapsed)
         return answer
 
     def shutdown_kernel(self, kernel_id: str) -> dict[str, str]:
@@ -192,6 +199,7 @@ class KernelManager:
         self._channels.forget(kernel_id)
         self._locks.forget(kernel_id)
         self.logger.info("kernel shut down", kernel_id=kernel_id)
+        metrics().kernels_shut_down.inc()
         return {"message": f"Kernel {kernel_id} shutdown"}
 
     def _wait_until_ready(self, kernel_id: str, deadline: float) -> None:
