@@ -25,8 +25,14 @@ wsgi_app = "wsgi:app"
 # Loopback by default: this service runs arbitrary code for whoever reaches it. A network
 # address needs an API key (or JUPYTER_ALLOW_UNAUTHENTICATED=1).
 bind = _settings.proxy_bind
-if _settings.unsafe_bind(bind.rpartition(":")[0]):
-    sys.exit(f"jupyter-kernel-proxy: {_settings.unsafe_bind(bind.rpartition(':')[0])}")
+
+
+def on_starting(server):
+    """Checks the final addresses (`-b` and GUNICORN_CMD_ARGS included) before listening."""
+    for address in server.cfg.bind:
+        refusal = _settings.unsafe_bind(address.rpartition(":")[0] if ":" in address else "")
+        if refusal and not address.startswith("unix:"):
+            sys.exit(f"jupyter-kernel-proxy: {refusal}")
 
 # gthread: each worker serves `threads` requests at once; an execution blocks one thread for
 # as long as the code runs, so threads bound how many executions a worker runs in parallel.

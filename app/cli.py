@@ -5,6 +5,8 @@ front of an embedded Jupyter server that lives and dies with the proxy.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import math
 import os
 import shutil
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.secrets)
     log = StructuredLogger("app.cli")
+    _keep_environment_private()
     config_file = args.gunicorn_config or next(
         (str(p) for p in GUNICORN_CONFIG_PLACES if p.is_file()), None)
     if config_file is None or not Path(config_file).is_file():
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "control_socket_disable": True,
         "loglevel": settings.log_level.lower(),
         "proc_name": "jupyter-kernel-proxy",
+        "on_starting": lambda server: None,  # the bind was checked above, with these settings
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         # On SIGTERM, in-flight executions may run to their deadline and be interrupted.
         "graceful_timeout": math.ceil(settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10,
@@ -186,6 +190,20 @@ def main(argv: list[str] | None = None) -> int:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _keep_environment_private() -> None:
+    """On Linux, makes this process (and the workers it forks) non-dumpable, so that code of
+    the same user, such as a kernel, cannot read the API key from /proc/<pid>/environ.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from app.logs import StructuredLogger, redact
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 # Variables of ours that a kernel must never be able to read from its environment.
-PRIVATE_VARIABLES = ("JUPYTER_TOKEN", "JUPYTER_PROXY_API_KEY")
+PRIVATE_VARIABLES = ("JUPYTER_TOKEN", "JUPYTER_PROXY_API_KEY", "PROMETHEUS_MULTIPROC_DIR")
 
 CONFIG_TEMPLATE = """\
 c = get_config()  # noqa: F821
@@ -86,6 +86,9 @@ class EmbeddedJupyterServer:
                 "pip install 'jupyter-kernel-proxy[embedded]'"
             ) from None
         self._workdir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-")
+        # Kernels start here unless told otherwise: not in the proxy's directory, whose .env
+        # may hold the API key.
+        root_dir = self.root_dir or tempfile.mkdtemp(prefix="kernels-", dir=self._workdir)
         self.port = self.requested_port or free_port()
         config = Path(self._workdir) / "jupyter_server_config.py"
         config.write_text(CONFIG_TEMPLATE.format(port=self.port, token=self.token,
@@ -95,7 +98,7 @@ class EmbeddedJupyterServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "jupyter_server", f"--config={config}"],
-                env=env, cwd=self.root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=env, cwd=root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # our Ctrl-C is ours to handle: stop() stops it in order
                 preexec_fn=_die_with_parent,
             )
@@ -106,6 +109,7 @@ class EmbeddedJupyterServer:
         except BaseException:
             self.stop()
             raise
+        config.unlink()  # read at start-up; the token needs no copy on disk from now on
         self.logger.info("embedded jupyter server ready", server_pid=self.process.pid,
                          url=self.url)
         return self

@@ -12,8 +12,8 @@ use (in the workers), never at import.
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,21 @@ class Metrics:
     open_websockets: Any
 
 
-@functools.cache
+_made: list[Metrics] = []
+_making = threading.Lock()
+
+
 def metrics() -> Metrics:
-    """The process's metrics, made on first use."""
+    """The process's metrics, made on first use (once, whichever thread comes first)."""
+    if _made:
+        return _made[0]
+    with _making:
+        if not _made:
+            _made.append(_make())
+    return _made[0]
+
+
+def _make() -> Metrics:
     from prometheus_client import Counter, Gauge, Histogram
 
     return Metrics(

@@ -103,6 +103,9 @@ def test_embedded_server_serves_and_leaves_nothing_behind(start_proxy):
     token_check = execute(proxy.url, kernel_id, "import os; sorted(k for k in os.environ "
                                                 "if 'TOKEN' in k or 'API_KEY' in k)", key)
     assert token_check["outputs"][0]["data"]["text/plain"] == "[]"
+    # Nor does it start next to the proxy's own files (its .env may hold the key).
+    cwd = execute(proxy.url, kernel_id, "import os; os.getcwd()", key)
+    assert str(REPO) not in cwd["outputs"][0]["data"]["text/plain"]
     server_pid = embedded_server_pid(proxy)
     assert process_alive(server_pid) and process_alive(kernel_pid)
 

@@ -20,6 +20,8 @@ from tests.conftest import REPO, wait_for_health
 pytestmark = pytest.mark.integration
 
 SITE = REPO / "deploy" / "nginx-site.conf"
+KEY = "nginx-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 MAIN_CONFIG = """\
 {user}
 worker_processes 1;
@@ -60,6 +62,7 @@ def proxy_behind_nginx(jupyter_server, tmp_path_factory):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
     env["JUPYTER_TOKEN"] = jupyter_server.token
+    env["JUPYTER_PROXY_API_KEY"] = KEY  # reached from the network: a key, as deployed
     proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2",
                           "--env-file", "/dev/null"], env)
     proxy.wait_until_serving()
@@ -85,6 +88,8 @@ def proxy_behind_nginx(jupyter_server, tmp_path_factory):
 def test_start_execute_shutdown_through_nginx(proxy_behind_nginx):
     url = proxy_behind_nginx
     with requests.Session() as client:  # keep-alive through nginx, as clients do
+        client.headers.update(AUTH)
+        assert requests.post(f"{url}/start_kernel", timeout=30).status_code == 401
         kernel_id = client.post(f"{url}/start_kernel", timeout=60).json()["id"]
         answer = client.post(f"{url}/execute_code", json={"id": kernel_id, "code": "6 * 7"},
                              headers={"X-Request-ID": "via-nginx"}, timeout=60)
@@ -106,13 +111,14 @@ def test_nginx_makes_up_a_request_id_when_the_client_sends_none(proxy_behind_ngi
 def test_execution_longer_than_nginx_default_read_timeout(proxy_behind_nginx):
     # nginx gives up on a silent upstream after 60 s unless told otherwise; the site says more.
     url = proxy_behind_nginx
-    kernel_id = requests.post(f"{url}/start_kernel", timeout=60).json()["id"]
+    kernel_id = requests.post(f"{url}/start_kernel", headers=AUTH, timeout=60).json()["id"]
     try:
         started = time.monotonic()
-        answer = requests.post(f"{url}/execute_code", timeout=120, json={
+        answer = requests.post(f"{url}/execute_code", headers=AUTH, timeout=120, json={
             "id": kernel_id, "code": "import time; time.sleep(65); 'still here'"})
         assert time.monotonic() - started >= 65
         assert answer.status_code == 200
         assert answer.json()["outputs"][0]["data"]["text/plain"] == "'still here'"
     finally:
-        requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, timeout=60)
+        requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, headers=AUTH,
+                      timeout=60)

@@ -120,3 +120,54 @@ def test_network_address_with_a_key_or_the_override_starts(jupyter_server, extra
     if extra:
         assert "WITHOUT AN API KEY" in proxy.output()
     assert "s3cret-key" not in proxy.output()
+
+
+@pytest.mark.parametrize("headers, code", [
+    ({"X-Forwarded-For": "203.0.113.9"}, "api_key_required"),
+    ({"Forwarded": "for=203.0.113.9"}, "api_key_required"),
+    ({"X-Real-IP": "203.0.113.9"}, "api_key_required"),
+    ({"Origin": "https://evil.example"}, "cross_site_request"),
+    ({"Origin": "null"}, "cross_site_request"),
+    ({"Sec-Fetch-Site": "cross-site"}, "cross_site_request"),
+])
+def test_keyless_proxy_refuses_relayed_and_cross_site_requests(settings, headers, code):
+    http = create_app(settings).test_client()
+    response = http.post("/start_kernel", headers=headers)
+    assert response.status_code == 403
+    assert response.get_json()["error"] == code
+    keyed = create_app(settings.replace(proxy_api_key="k3y")).test_client()
+    assert keyed.post("/start_kernel", headers=headers).status_code == 401  # the key decides
+
+
+def test_keyless_proxy_serves_its_own_origin_and_trusted_relays(settings):
+    http = create_app(settings).test_client()
+    assert http.get("/health", headers={"Origin": "http://localhost:8000"}).status_code == 200
+    trusting = create_app(settings.replace(allow_unauthenticated=True)).test_client()
+    assert trusting.get("/health", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 200
+
+
+@pytest.mark.parametrize("encoding", ["chunked", "gzip, chunked", "identity, chunked"])
+def test_any_transfer_encoded_body_must_be_json(settings, encoding):
+    http = create_app(settings).test_client()
+    response = http.post("/start_kernel", data=b"{}", headers={
+        "Transfer-Encoding": encoding, "Content-Type": "text/plain"})
+    assert response.status_code == 415
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/start_kernel"), ("POST", "/execute_code"), ("POST", "/shutdown_kernel"),
+    ("GET", "/metrics"), ("GET", "/no/such/route"), ("POST", "/health/")])
+def test_every_endpoint_but_health_needs_the_key(settings, method, path):
+    keyed = create_app(settings.replace(proxy_api_key="k3y")).test_client()
+    response = keyed.open(path, method=method, json={})
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "unauthorized"
+
+
+def test_plain_gunicorn_refuses_a_network_bind_given_on_its_command_line():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                           "-b", "0.0.0.0:18999"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert "JUPYTER_PROXY_API_KEY" in done.stderr

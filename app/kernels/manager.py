@@ -35,6 +35,9 @@ from app.logs import StructuredLogger
 from app.metrics import metrics
 
 
+START_LOCK = "kernel-starts"  # the lock name that serializes counted kernel starts
+
+
 def check_kernel_id(kernel_id: str) -> str:
     """`kernel_id` if it is a canonical UUID; anything else never reaches an upstream URL."""
     try:
@@ -108,9 +111,8 @@ class KernelManager:
         """Starts a kernel and waits until it is ready; `warm` also runs a silent first cell,
         which costs a new kernel twice an ordinary one (imports, history set-up).
         """
-        self._check_kernel_count()
         started = time.monotonic()
-        model = self.client.start_kernel(name)
+        model = self._start_counted(name, started + self.settings.kernel_start_timeout)
         kernel_id = model["id"]
         deadline = started + self.settings.kernel_start_timeout
         try:
@@ -121,21 +123,31 @@ class KernelManager:
                                        crash_wait=0, silent=True,
                                        connect_timeout=self.settings.timeout_connect):
                     pass
-        except KernelError:
-            self._shutdown_quietly(kernel_id)
+        except BaseException:
+            self._shutdown_quietly(kernel_id)  # nobody else knows its id: never leave it
             raise
         self.logger.info("kernel started", kernel_id=kernel_id, kernel_name=name,
                          duration_ms=round((time.monotonic() - started) * 1000, 1))
         return {"id": kernel_id, "name": model.get("name", name),
                 "execution_state": "idle", "last_activity": model.get("last_activity")}
 
-    def _check_kernel_count(self) -> None:
-        """Refuses a new kernel once the server runs `max_kernels` (0: no limit)."""
+    def _start_counted(self, name: str, deadline: float) -> dict[str, Any]:
+        """`POST /api/kernels`, refused once the server runs `max_kernels` (0: no limit).
+
+        With a limit, counting and starting hold one lock across this host's workers, so that
+        concurrent starts cannot both slip under it.
+        """
         limit = self.settings.max_kernels
-        if limit and len(self.client.list_kernels()) >= limit:
-            raise TooManyKernels(f"the Jupyter server already runs {limit} kernels, as many as "
-                                 "JUPYTER_MAX_KERNELS allows; shut one down first",
-                                 max_kernels=limit)
+        if not limit:
+            return self.client.start_kernel(name)
+        with self._locks.hold(START_LOCK, deadline) as acquired:
+            if not acquired:
+                raise UpstreamTimeout("other kernel starts kept this one waiting too long")
+            if len(self.client.list_kernels()) >= limit:
+                raise TooManyKernels(f"the Jupyter server already runs {limit} kernels, as "
+                                     "many as JUPYTER_MAX_KERNELS allows; shut one down first",
+                                     max_kernels=limit)
+            return self.client.start_kernel(name)
 
     def _is_alive(self, kernel_id: str) -> bool:
         """True if the kernel still answers: its warm channel is clean, or one can be opened."""
