@@ -5,8 +5,6 @@ front of an embedded Jupyter server that lives and dies with the proxy.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import math
 import os
 import shutil
@@ -18,7 +16,7 @@ from typing import Any
 from gunicorn.app.base import Application
 
 from app import __version__, create_app
-from app.embedded import EmbeddedJupyterServer, EmbeddedServerError
+from app.embedded import PR_SET_DUMPABLE, EmbeddedJupyterServer, EmbeddedServerError, prctl
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
 from app.metrics import MULTIPROC_DIR, worker_exited
@@ -196,14 +194,7 @@ def _keep_environment_private() -> None:
     """On Linux, makes this process (and the workers it forks) non-dumpable, so that code of
     the same user, such as a kernel, cannot read the API key from /proc/<pid>/environ.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_DUMPABLE, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
+    prctl(PR_SET_DUMPABLE, 0)
 
 
 if __name__ == "__main__":

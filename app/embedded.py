@@ -26,6 +26,7 @@ import requests
 from app.logs import StructuredLogger, redact
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PR_SET_DUMPABLE = 4
 
 # Variables of ours that a kernel must never be able to read from its environment.
 PRIVATE_VARIABLES = ("JUPYTER_TOKEN", "JUPYTER_PROXY_API_KEY", "PROMETHEUS_MULTIPROC_DIR")
@@ -162,15 +163,21 @@ class EmbeddedJupyterServer:
         self.stop()
 
 
+def prctl(option: int, value: int) -> None:
+    """Linux's prctl(2); does nothing elsewhere (the callers' protections then don't apply)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(option, value)
+    except (OSError, AttributeError):
+        pass
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: on Linux, get SIGTERM when the proxy dies, even by SIGKILL,
     so that the server (and, through ipykernel's parent polling, its kernels) never outlives it.
+    Elsewhere stop() still stops the server on every orderly exit.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: stop() still stops the server on every orderly exit
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ import requests
 
 from app import JupyterClient, KernelManager, Settings, create_app
 from app.embedded import EmbeddedJupyterServer, free_port
+from app.logs import configure_logging
 from app.kernels import KernelNotFound
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +72,18 @@ def _shutdown(manager: KernelManager, kernel_id: str) -> None:
         manager.shutdown_kernel(kernel_id)
     except KernelNotFound:
         pass
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Captures every log line, as `configure_logging` writes them (DEBUG and up)."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging("DEBUG", stream=stream)
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
 
 
 @pytest.fixture

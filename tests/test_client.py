@@ -218,3 +218,10 @@ def test_silent_server_is_a_timeout_not_unavailable(silent_upstream):
                                 timeout_total=0.5)) as hanging:
         raised_by(hanging.list_kernels, UpstreamTimeout)
     assert time.monotonic() - started < 5
+
+
+def test_a_failed_kernel_listing_is_asked_again(client, upstream):
+    """jupyter_server can answer 500 while a kernel is being removed: a read is repeated."""
+    upstream.get(f"{BASE}/api/kernels", status=500, body="busy")
+    upstream.get(f"{BASE}/api/kernels", json=[{"id": KERNEL_ID}])
+    assert client.list_kernels() == [{"id": KERNEL_ID}]

@@ -7,22 +7,9 @@ import json
 import logging
 from datetime import datetime
 
-import pytest
 
 from app import StructuredLogger, create_app
 from app.logs import JsonFormatter, configure_logging, register_secrets
-
-
-@pytest.fixture
-def log_stream():
-    """Captures what the root logger writes, as configured by `configure_logging`."""
-    stream = io.StringIO()
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    configure_logging("DEBUG", stream=stream)
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
 
 
 def lines(stream: io.StringIO) -> list[dict]:

@@ -104,8 +104,14 @@ def test_pooled_kernels_are_shut_down_when_the_proxy_stops(start_proxy, jupyter_
     headers = {"Authorization": f"token {jupyter_server.token}"}
 
     def server_kernels() -> set[str]:
-        return {k["id"] for k in requests.get(f"{jupyter_server.url}/api/kernels",
-                                              headers=headers, timeout=10).json()}
+        # jupyter_server can fail a listing (500) while a kernel is being removed: ask again.
+        for _ in range(50):
+            answer = requests.get(f"{jupyter_server.url}/api/kernels", headers=headers,
+                                  timeout=10)
+            if answer.status_code == 200:
+                return {k["id"] for k in answer.json()}
+            time.sleep(0.1)
+        raise AssertionError(f"the Jupyter server keeps failing: {answer.status_code}")
 
     before = server_kernels()
     proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "2",

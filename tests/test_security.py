@@ -4,9 +4,7 @@ request ids tie a client's request to every log line it caused.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -15,7 +13,6 @@ import pytest
 import requests
 
 from app import create_app
-from app.logs import configure_logging
 from tests.conftest import REPO, ProxyProcess
 
 
@@ -50,23 +47,13 @@ def test_no_cors_headers(http):
     assert not [h for h in response.headers.keys() if h.lower().startswith("access-control")]
 
 
-@pytest.fixture
-def log_lines():
-    stream = io.StringIO()
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    configure_logging("INFO", stream=stream)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-
-
 def test_request_id_is_returned_and_on_every_log_line_of_the_request(http, shared_kernel,
-                                                                      log_lines):
+                                                                      log_stream):
     response = http.post("/execute_code", json={"id": shared_kernel, "code": "1"},
                          headers={"X-Request-ID": "trace-42"})
     assert response.headers["X-Request-ID"] == "trace-42"
-    tagged = [line for line in log_lines() if line.get("request_id") == "trace-42"]
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
+    tagged = [line for line in lines if line.get("request_id") == "trace-42"]
     assert {line["message"] for line in tagged} >= {"code executed", "request"}
 
 

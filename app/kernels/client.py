@@ -100,8 +100,23 @@ class JupyterClient:
         return self._request("GET", f"/api/kernels/{kernel_id}", kernel_id=kernel_id)
 
     def list_kernels(self) -> list[dict[str, Any]]:
-        """`GET /api/kernels`: every kernel the server runs."""
-        return self._request("GET", "/api/kernels")
+        """`GET /api/kernels`: every kernel the server runs.
+
+        jupyter_server can fail a listing while a kernel is being removed; a read is safe to
+        repeat, so it is asked twice more before the failure counts.
+        """
+        for attempt in range(3):
+            try:
+                kernels = self._request("GET", "/api/kernels")
+            except UpstreamError as err:
+                if attempt == 2 or err.details.get("upstream_status", 0) < 500:
+                    raise
+                time.sleep(0.1)
+                continue
+            if isinstance(kernels, list):
+                return kernels
+            raise UpstreamError("the Jupyter server sent an unusable kernel list")
+        raise AssertionError("unreachable")
 
     def shutdown_kernel(self, kernel_id: str) -> None:
         """`DELETE /api/kernels/{id}`: stops the kernel and forgets it."""
