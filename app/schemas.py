@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from flask import current_app, g, request
-from marshmallow import Schema, ValidationError, fields, validate, validates
+from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.kernels.errors import InvalidRequest
@@ -55,13 +55,29 @@ class StartKernelSchema(Schema):
 
 
 class ExecuteCodeSchema(KernelIdSchema):
-    """`{"id", "code", "timeout"?}`."""
+    """`{"id", "code", "timeout"?, "stream"?, "mode"?}`."""
 
     code = Text(required=True)
     timeout = StrictFloat(allow_nan=False, validate=validate.Range(min=0, min_inclusive=False))
+    stream = fields.Boolean(truthy={True}, falsy={False})  # JSON true/false only
+    mode = fields.String(validate=validate.OneOf(["sync", "async"]))
+
+    @validates_schema
+    def _one_delivery(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("stream") and data.get("mode") == "async":
+            raise ValidationError("choose one: stream the output, or run as a job (async)",
+                                  field_name="mode")
 
 
 class ShutdownKernelSchema(KernelIdSchema):
+    """`{"id"}`."""
+
+
+class InterruptKernelSchema(KernelIdSchema):
+    """`{"id"}`."""
+
+
+class RestartKernelSchema(KernelIdSchema):
     """`{"id"}`."""
 
 

@@ -54,6 +54,9 @@ class Settings:
     proxy_bind: str = "127.0.0.1:8000"
     proxy_workers: int = 2
     proxy_threads: int = 8
+    list_kernels: bool = True
+    job_store: str = ""
+    job_retention: float = 3600.0
 
     def __post_init__(self) -> None:
         url = str(self.server_url).strip().rstrip("/")
@@ -81,7 +84,7 @@ class Settings:
             )
         object.__setattr__(self, "log_level", level)
         for name in ("timeout_connect", "timeout_total", "execution_timeout",
-                     "max_execution_timeout", "kernel_start_timeout"):
+                     "max_execution_timeout", "kernel_start_timeout", "job_retention"):
             _require(self, name, lambda v: v > 0, "a number greater than 0")
         _require(self, "crash_sleep_duration", lambda v: v >= 0, "a number of seconds, 0 or more")
         for name in ("max_request_bytes", "max_output_bytes"):
