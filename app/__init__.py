@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -51,6 +52,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     client = JupyterClient(settings, logger.child("upstream"))
     manager = KernelManager(client, logger.child("kernels"))
     app.extensions["kernel_manager"] = manager
+    app.extensions["jobs"] = _job_runner(settings, manager, logger.child("jobs"))
     if settings.pool_size:
         manager.warm_up()
         app.before_request(manager.warm_up)  # again in a forked worker (cheap when running)
@@ -60,6 +62,27 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     register_guards(app)
     app.register_blueprint(bp)
     return app
+
+
+def _job_runner(settings: Settings, manager: KernelManager, logger: StructuredLogger) -> Any:
+    """The runner of async jobs, with its store: `JUPYTER_JOB_STORE`, or a file in the
+    private directory of this server's kernel locks (None if there is neither).
+    """
+    from app.errors import failure_body
+    from app.jobs import JobRunner, SqliteJobStore
+    from app.kernels.locks import private_directory
+
+    if settings.job_store:
+        path = Path(settings.job_store)
+    else:
+        directory = private_directory(settings.server_url)
+        if directory is None:
+            logger.warning("async jobs are off: no private directory for their store; set "
+                           "JUPYTER_JOB_STORE")
+            return None
+        path = directory / "jobs.sqlite3"
+    store = SqliteJobStore(path, settings.job_retention)
+    return JobRunner(manager, store, settings.max_running_jobs, failure_body, logger)
 
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -50,6 +50,30 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
+def status_of(err: kernel_errors.KernelError) -> tuple[int, str]:
+    """The HTTP status and error code of a kernel-layer error (5xx ones are logged here)."""
+    status, code = next((s, c) for cls, s, c in KERNEL_ERROR_STATUS if isinstance(err, cls))
+    if status >= 500:
+        log.warning("upstream failure", error=code, reason=err.message)
+        metrics().upstream_errors.labels(code).inc()
+    return status, code
+
+
+def failure_body(err: Exception) -> dict[str, Any]:
+    """The error shape for a failure that cannot be an HTTP status any more (a stream already
+    answering 200, a job running in the background).
+    """
+    if isinstance(err, kernel_errors.KernelError):
+        _, code = status_of(err)
+        body: dict[str, Any] = {"error": code, "message": err.message}
+        if err.details:
+            body["details"] = err.details
+        return body
+    log.exception("unexpected error", error_type=type(err).__name__)
+    return {"error": "internal_error",
+            "message": "the proxy failed unexpectedly; the error has been logged"}
+
+
 def error_response(status: int, code: str, message: str,
                    details: dict[str, Any] | None = None) -> tuple[Response, int]:
     """The one error shape of the API."""
@@ -68,10 +92,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(kernel_errors.KernelError)
     def _kernel_error(err: kernel_errors.KernelError) -> tuple[Response, int]:
-        status, code = next((s, c) for cls, s, c in KERNEL_ERROR_STATUS if isinstance(err, cls))
-        if status >= 500:
-            log.warning("upstream failure", error=code, reason=err.message)
-            metrics().upstream_errors.labels(code).inc()
+        status, code = status_of(err)
         return error_response(status, code, err.message, err.details)
 
     @app.errorhandler(ValidationError)

@@ -57,6 +57,7 @@ class Settings:
     list_kernels: bool = True
     job_store: str = ""
     job_retention: float = 3600.0
+    max_running_jobs: int = 32
 
     def __post_init__(self) -> None:
         url = str(self.server_url).strip().rstrip("/")
@@ -90,7 +91,8 @@ class Settings:
         for name in ("max_request_bytes", "max_output_bytes"):
             _require(self, name, lambda v: v > 0, "a whole number of bytes greater than 0")
         _require(self, "max_code_bytes", lambda v: v > 0, "a whole number of bytes greater than 0")
-        for name in ("max_idle_connections", "pool_size", "max_kernels", "max_queued_executions"):
+        for name in ("max_idle_connections", "pool_size", "max_kernels", "max_queued_executions",
+                     "max_running_jobs"):
             _require(self, name, lambda v: v >= 0, "a whole number, 0 or more")
         for name in ("proxy_workers", "proxy_threads"):
             _require(self, name, lambda v: v >= 1, "a whole number, 1 or more")

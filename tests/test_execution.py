@@ -27,6 +27,7 @@ from app.kernels.execution import (
     RECONNECT_PAUSES,
     End,
     Message,
+    Sent,
     run_execution,
 )
 
@@ -310,7 +311,8 @@ def test_yielded_messages_answer_the_sent_request_and_carry_their_size(clock):
     kernel = FakeKernel(clock, [stream("x" * 40), reply(), status("idle")])
     events = run(kernel)
     msg_id = kernel.last_sent("execute_request")["header"]["msg_id"]
-    for event in events[:-1]:
+    assert isinstance(events[0], Sent), "the first event says the request is sent"
+    for event in events[1:-1]:
         assert event.message["parent_header"]["msg_id"] == msg_id
         assert event.size == len(json.dumps(event.message))
 
@@ -454,6 +456,28 @@ def test_deadline_interrupts_once_and_keeps_what_arrives_in_the_grace_period(clo
     assert "interrupted and keeps its state" in end.error["evalue"]
     assert clock.now == DEADLINE + 1
     assert_all_closed(kernel)
+    assert kernel.released == [True]
+
+
+def test_cancelled_execution_is_interrupted_and_ends_cancelled(clock):
+    """A client that goes away (a dropped stream) stops its code as a deadline would."""
+    kernel = FakeKernel(clock, [status("busy"), stream("partial"), Silence(3)],
+                        on_interrupt=interrupted_answers())
+    seen: list = []
+    events = []
+    for event in run_execution(kernel, CODE, DEADLINE, timeout=TIMEOUT, crash_wait=CRASH_WAIT,
+                               connect_timeout=CONNECT_TIMEOUT, grace=GRACE, settle=SETTLE,
+                               cancelled=lambda: bool(seen), clock=kernel.clock):
+        events.append(event)
+        if isinstance(event, Message) and event.message["msg_type"] == "stream":
+            seen.append(clock.now)
+    assert len(kernel.interrupts) == 1 and kernel.interrupts[0] < DEADLINE
+    assert kernel.restarts == []
+    end = end_of(events)
+    assert end.status == "cancelled"
+    assert end.error["ename"] == "ExecutionCancelled"
+    assert "interrupted and keeps its state" in end.error["evalue"]
+    assert kinds(events) == ["status", "stream", "error", "execute_reply", "status"]
     assert kernel.released == [True]
 
 
@@ -738,6 +762,7 @@ def test_recv_after_a_reconnect_does_not_wait_beyond_the_deadline(clock):
 def test_channel_is_closed_when_the_consumer_stops_early(clock):
     kernel = FakeKernel(clock, [status("busy"), stream("a"), reply(), status("idle")])
     events = start(kernel)
+    assert isinstance(next(events), Sent)
     assert isinstance(next(events), Message)
     events.close()
     assert_all_closed(kernel)

@@ -82,7 +82,7 @@ def test_error_comes_from_execute_reply_when_no_iopub_error_arrived():
                         traceback=["line 1", 2]), status("idle")).answer()
     assert answer["status"] == "error"
     assert answer["error"] == {"ename": "KeyboardInterrupt", "evalue": "",
-                               "traceback": ["line 1", "2"]}
+                               "traceback": ["line 1", "2"], "traceback_text": "line 1\n2"}
 
 
 def test_aborted_reply_has_no_error():
@@ -184,7 +184,7 @@ def test_answer_overrides_status_and_error():
     override = {"ename": "ExecutionTimeout", "evalue": "too slow", "traceback": []}
     answer = fold(stream("partial"), error()).answer("timeout", override)
     assert answer["status"] == "timeout"
-    assert answer["error"] == override
+    assert answer["error"] == {**override, "traceback_text": ""}
     assert answer["stdout"] == "partial"
     assert answer["execution_count"] is None
 
@@ -206,3 +206,68 @@ def test_answer_has_every_contract_field():
     assert set(answer) == {"results", "status", "execution_count", "stdout", "stderr",
                            "outputs", "error", "truncated"}
     json.dumps(answer)  # serialisable as the HTTP body
+
+
+def display(data: dict, display_id: str | None = None, msg_type: str = "display_data") -> dict:
+    content = {"data": data, "metadata": {}}
+    if display_id is not None:
+        content["transient"] = {"display_id": display_id}
+    return msg(msg_type, content)
+
+
+def clear(wait: bool = False) -> dict:
+    return msg("clear_output", {"wait": wait})
+
+
+def test_clear_output_empties_what_a_notebook_shows_but_keeps_the_raw_messages():
+    result = fold(stream("step 1\n"), display({"text/plain": "old"}), clear(),
+                  stream("step 2\n"), reply(), status("idle"))
+    answer = result.answer()
+    assert answer["stdout"] == "step 2\n"
+    assert answer["outputs"] == []
+    assert [m["msg_type"] for m in answer["results"]].count("stream") == 2
+
+
+def test_clear_output_with_wait_clears_when_the_next_output_arrives():
+    result = fold(stream("10%"), clear(wait=True))
+    assert result.answer()["stdout"] == "10%"  # nothing new yet: still shown
+    result.add(stream("20%"), 3)
+    assert result.answer()["stdout"] == "20%"
+
+
+def test_update_display_data_replaces_the_display_it_names():
+    result = fold(display({"text/plain": "0%"}, "bar"), display({"text/plain": "other"}),
+                  display({"text/plain": "100%"}, "bar", msg_type="update_display_data"))
+    outputs = result.answer()["outputs"]
+    assert [o["data"]["text/plain"] for o in outputs] == ["100%", "other"]
+    assert outputs[0]["display_id"] == "bar" and "display_id" not in outputs[1]
+
+
+def test_images_are_kept_as_sent_and_count_against_the_cap():
+    png = {"image/png": "iVBORw0KGgo" + "A" * 100, "text/plain": "<Figure>"}
+    kept = fold(display(png)).answer()
+    assert kept["outputs"][0]["data"] == png and not kept["truncated"]
+    dropped = fold(display(png), cap=50).answer()
+    assert dropped["outputs"] == [] and dropped["truncated"]
+
+
+def test_traceback_text_has_no_ansi_colour_codes():
+    coloured = msg("error", {"ename": "ValueError", "evalue": "bad", "traceback": [
+        "\x1b[0;31m---------\x1b[0m", "\x1b[0;31mValueError\x1b[0m: bad"]})
+    error_field = fold(coloured).answer()["error"]
+    assert error_field["traceback"][1] == "\x1b[0;31mValueError\x1b[0m: bad"  # raw kept
+    assert error_field["traceback_text"] == "---------\nValueError: bad"
+
+
+def test_add_returns_the_updates_a_stream_shows():
+    result = ExecutionResult(NO_CAP)
+    assert result.add(status("busy"), 10) == []
+    assert result.add(stream("hi\n"), 10) == [{"type": "stdout", "text": "hi\n"}]
+    assert result.add(stream("oops", "stderr"), 10) == [{"type": "stderr", "text": "oops"}]
+    assert result.add(clear(wait=True), 10) == [{"type": "clear_output", "wait": True}]
+    [update] = result.add(display({"text/plain": "x"}), 10)
+    assert update == {"type": "output", "output": {"type": "display_data",
+                                                   "data": {"text/plain": "x"},
+                                                   "metadata": {}}}
+    [failure] = result.add(error(), 10)
+    assert failure["type"] == "error" and failure["error"]["ename"] == "ZeroDivisionError"

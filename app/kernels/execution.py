@@ -33,6 +33,7 @@ SETTLE_SECONDS = 2.0  # silence after the reply (or idle) that ends the wait for
 RECONNECT_ATTEMPTS = 3  # websockets reopened in one execution, at most
 RECONNECT_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # backoff between tries to reopen one
 MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
+CANCEL_POLL_SECONDS = 0.5  # how often `cancelled` is asked while the kernel is silent
 
 
 class KernelControl(Protocol):
@@ -63,6 +64,11 @@ class Message:
 
 
 @dataclass(frozen=True)
+class Sent:
+    """The request is on its way to the kernel (always the first event)."""
+
+
+@dataclass(frozen=True)
 class End:
     """The execution is over. `status` is None when the kernel's own reply says how it went;
     `output_lost` says that messages may have been lost with a broken connection.
@@ -73,15 +79,20 @@ class End:
     output_lost: bool = False
 
 
-Event = Message | End
+Event = Sent | Message | End
 
 
 def run_execution(kernel: KernelControl, code: str, deadline: float, *, timeout: float,
                   crash_wait: float, connect_timeout: float, silent: bool = False,
                   grace: float = INTERRUPT_GRACE_SECONDS, settle: float = SETTLE_SECONDS,
+                  cancelled: Callable[[], bool] | None = None,
                   clock: Callable[[], float] = time.monotonic) -> Iterator[Event]:
-    """Runs `code` on the kernel and yields its events; see the module docstring."""
-    run = _Run(kernel, deadline, connect_timeout, settle, clock)
+    """Runs `code` on the kernel and yields its events; see the module docstring.
+
+    `cancelled`, if given, is asked at least every `CANCEL_POLL_SECONDS` while the code runs;
+    once it says True the code is stopped as at a deadline, and the execution ends `cancelled`.
+    """
+    run = _Run(kernel, deadline, connect_timeout, settle, clock, cancelled)
     try:
         yield from run.execute(code, timeout=timeout, crash_wait=crash_wait, grace=grace,
                                silent=silent)
@@ -93,8 +104,11 @@ class _Run:
     """The state of one execution: its channel, request and what has been seen of it."""
 
     def __init__(self, kernel: KernelControl, deadline: float, connect_timeout: float,
-                 settle: float, clock: Callable[[], float]) -> None:
+                 settle: float, clock: Callable[[], float],
+                 cancelled: Callable[[], bool] | None = None) -> None:
         self.kernel = kernel
+        self.cancelled = cancelled
+        self.was_cancelled = False
         self.deadline = deadline
         self.connect_timeout = connect_timeout
         self.settle = settle
@@ -121,6 +135,7 @@ class _Run:
         request = protocol.execute_request(code, self.session_id, silent)
         self.msg_id = request["header"]["msg_id"]
         self.channel.send(request)
+        yield Sent()
         while True:
             yield from self._collect(self.deadline)
             if self.death is None:
@@ -138,6 +153,9 @@ class _Run:
             outcome = yield from self._stop_overrun(grace)
             if self.death is None:
                 self.reusable = outcome in ("interrupted", "not_started")
+                if self.was_cancelled:
+                    yield End("cancelled", _cancel_error(outcome), self.output_lost)
+                    return
                 yield End("timeout", self._timeout_error(timeout, outcome, grace),
                           self.output_lost)
                 return
@@ -175,6 +193,10 @@ class _Run:
         After a reconnect, silence is checked against the kernel's own state every `settle`.
         """
         while not self.complete and not self.death:
+            if self.cancelled is not None and self.cancelled():
+                self.cancelled = None  # asked once: what follows is the stop itself
+                self.was_cancelled = True
+                return
             half_in = self.reply or self.idle
             limit = min(until, self.last_own + self.settle) if half_in else until
             if self.reconnects and not half_in:
@@ -188,6 +210,8 @@ class _Run:
                 self._check_answer_not_lost()  # reconnected, and silent for `settle`
                 self.last_heard = self.clock()
                 continue
+            if self.cancelled is not None:
+                limit = min(limit, self.clock() + CANCEL_POLL_SECONDS)
             received = self._recv(limit)
             if received is None:
                 continue
@@ -354,6 +378,19 @@ def _attempt(action: Callable[[], None]) -> bool:
     except KernelError:
         return False
     return True
+
+
+def _cancel_error(outcome: str) -> dict[str, Any]:
+    what = {
+        "interrupted": "the kernel was interrupted and keeps its state",
+        "restarted": "the kernel did not stop on an interrupt and was restarted: its state is "
+                     "lost",
+        "not_started": "the code had not started",
+        "failed": "the kernel could not be interrupted or restarted and may still be running it",
+    }[outcome]
+    return {"ename": "ExecutionCancelled",
+            "evalue": f"the execution was cancelled (its client went away); {what}",
+            "traceback": []}
 
 
 def _crash_error(state: str, crash_wait: float, ran: bool) -> dict[str, Any]:

@@ -36,7 +36,7 @@ class KernelLocks:
         self.max_waiting = max_waiting
         self._guard = threading.Lock()
         self._threads: dict[str, tuple[threading.Lock, int]] = {}
-        self._directory = _private_directory(server_url)
+        self._directory = private_directory(server_url)
 
     @contextmanager
     def hold(self, kernel_id: str, deadline: float) -> Iterator[bool]:
@@ -125,7 +125,7 @@ def _flock_until(fd: int, deadline: float) -> bool:
     return False
 
 
-def _private_directory(server_url: str) -> Path | None:
+def private_directory(server_url: str) -> Path | None:
     """A directory only this user can write, for this server's lock files."""
     digest = hashlib.sha256(server_url.encode()).hexdigest()[:16]
     top = Path(tempfile.gettempdir()) / f"jupyter-kernel-proxy-{os.getuid()}"

@@ -9,11 +9,14 @@ request's code. Executions on different kernels run in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from app.kernels import protocol
@@ -29,7 +32,13 @@ from app.kernels.errors import (
     TooManyKernels,
     UpstreamTimeout,
 )
-from app.kernels.execution import INTERRUPT_GRACE_SECONDS, End, Message, run_execution
+from app.kernels.execution import (
+    INTERRUPT_GRACE_SECONDS,
+    End,
+    Event,
+    Message,
+    run_execution,
+)
 from app.kernels.result import ExecutionResult
 from app.logs import StructuredLogger
 from app.metrics import metrics
@@ -168,41 +177,90 @@ class KernelManager:
         the whole call, waiting for the kernel included. An error in the code is an answer
         with `status: "error"`, not an exception.
         """
+        with self.begin_execution(kernel_id, code, timeout) as execution:
+            for _ in execution.updates():
+                pass
+        return execution.answer
+
+    def begin_execution(self, kernel_id: str, code: str, timeout: float | None = None, *,
+                        cancelled: Callable[[], bool] | None = None) -> Execution:
+        """Starts running `code` and returns once the kernel has it (or the deadline passed
+        while waiting for the kernel): errors of the request and of reaching the kernel are
+        raised here. Read what follows from `Execution.updates()`; always close it.
+
+        `cancelled` is asked every half second while the code runs (see `run_execution`).
+        """
+        timeout = self.check_request(kernel_id, code, timeout)
+        started = time.monotonic()
+        deadline = started + timeout
+        stack = contextlib.ExitStack()
+        stop = threading.Event()
+
+        def stopped() -> bool:
+            return stop.is_set() or (cancelled is not None and cancelled())
+
+        try:
+            events = None
+            if stack.enter_context(self._locks.hold(kernel_id, deadline)):
+                events = run_execution(
+                    _Kernel(self.client, self._channels, kernel_id), code, deadline,
+                    timeout=timeout, crash_wait=self.settings.crash_sleep_duration,
+                    connect_timeout=self.settings.timeout_connect, cancelled=stopped)
+                stack.callback(events.close)
+                next(events)  # `Sent`: connected, and the request is on its way
+        except BaseException:
+            stack.close()
+            raise
+        return Execution(self, kernel_id, timeout, started, events, stack, stop)
+
+    def check_request(self, kernel_id: str, code: str, timeout: float | None) -> float:
+        """Raises what is wrong with an execution request; returns its timeout in seconds."""
         check_kernel_id(kernel_id)
         timeout = self._check_timeout(timeout)
         _check_text(code, "code")
         if len(code.encode()) > self.settings.max_code_bytes:
             raise CodeTooLarge(f"the code is longer than JUPYTER_MAX_CODE_BYTES "
                                f"({self.settings.max_code_bytes} bytes) allows")
+        return timeout
+
+    def interrupt_kernel(self, kernel_id: str) -> dict[str, Any]:
+        """Interrupts whatever the kernel runs (it keeps its state); raises `KernelNotFound`."""
+        check_kernel_id(kernel_id)
+        self.client.interrupt_kernel(kernel_id)
+        self.logger.info("kernel interrupted", kernel_id=kernel_id)
+        return {"id": kernel_id, "message": f"Kernel {kernel_id} interrupted"}
+
+    def restart_kernel(self, kernel_id: str) -> dict[str, Any]:
+        """Restarts the kernel (its state is lost) and returns once it can execute again."""
+        check_kernel_id(kernel_id)
         started = time.monotonic()
-        deadline = started + timeout
-        result = ExecutionResult(self.settings.max_output_bytes)
-        with self._locks.hold(kernel_id, deadline) as acquired:
-            if acquired:
-                end = End()
-                for event in run_execution(
-                        _Kernel(self.client, self._channels, kernel_id), code, deadline,
-                        timeout=timeout,
-                        crash_wait=self.settings.crash_sleep_duration,
-                        connect_timeout=self.settings.timeout_connect):
-                    if isinstance(event, Message):
-                        result.add(event.message, event.size)
-                    else:
-                        end = event
-                result.truncated |= end.output_lost
-                answer = result.answer(end.status, end.error)
-            else:
-                answer = result.answer("timeout", {
-                    "ename": "ExecutionTimeout",
-                    "evalue": f"the kernel stayed busy with earlier code for the whole "
-                              f"{timeout:g} s deadline; this code did not run",
-                    "traceback": []})
-        elapsed = time.monotonic() - started
-        self.logger.info("code executed", kernel_id=kernel_id, status=answer["status"],
-                         duration_ms=round(elapsed * 1000, 1))
-        metrics().executions.labels(answer["status"]).inc()
-        metrics().execution_seconds.observe(elapsed)
-        return answer
+        self.client.get_kernel(kernel_id)  # jupyter_server answers 500 for an unknown one
+        self.client.restart_kernel(kernel_id)
+        self._channels.forget(kernel_id)
+        self._wait_until_ready(kernel_id, started + self.settings.kernel_start_timeout)
+        self.logger.info("kernel restarted", kernel_id=kernel_id,
+                         duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return {"id": kernel_id, "state_lost": True,
+                "message": f"Kernel {kernel_id} restarted; its variables and imports are gone"}
+
+    def list_kernels(self) -> list[dict[str, Any]]:
+        """The kernels the Jupyter server runs (all of them, not only this proxy's)."""
+        return [{"id": k.get("id"), "name": k.get("name"),
+                 "execution_state": k.get("execution_state"),
+                 "last_activity": k.get("last_activity"),
+                 "connections": k.get("connections")}
+                for k in self.client.list_kernels()]
+
+    def kernel_specs(self) -> dict[str, Any]:
+        """The kernel specs the server offers: `{"default", "kernelspecs": {name: ...}}`."""
+        raw = self.client.kernelspecs()
+        specs = raw.get("kernelspecs") if isinstance(raw.get("kernelspecs"), dict) else {}
+        described = {}
+        for name, entry in specs.items():
+            spec = entry.get("spec", {}) if isinstance(entry, dict) else {}
+            described[name] = {"name": name, "display_name": spec.get("display_name", name),
+                               "language": spec.get("language")}
+        return {"default": raw.get("default"), "kernelspecs": described}
 
     def shutdown_kernel(self, kernel_id: str) -> dict[str, str]:
         """Shuts the kernel down; raises `KernelNotFound` if the server has no such kernel."""
@@ -264,6 +322,86 @@ class KernelManager:
         except KernelError:
             self.logger.warning("could not shut down a kernel that failed to start",
                                 kernel_id=kernel_id)
+
+
+class Execution:
+    """One execution under way, holding its kernel: `updates()` yields what the kernel
+    produces (see `ExecutionResult.add`) and last `{"type": "result", **answer}`; `answer` is
+    then set. Close it (or use `with`) to release the kernel: closing it before the end stops
+    the code as a deadline would (interrupt, then restart if need be), so that no code runs on
+    unseen.
+    """
+
+    def __init__(self, manager: KernelManager, kernel_id: str, timeout: float, started: float,
+                 events: Iterator[Event] | None, stack: contextlib.ExitStack,
+                 stop: threading.Event) -> None:
+        self.kernel_id = kernel_id
+        self.answer: dict[str, Any] | None = None
+        self._manager = manager
+        self._timeout = timeout
+        self._started = started
+        self._events = events
+        self._stack = stack
+        self._stop = stop
+        self._result = ExecutionResult(manager.settings.max_output_bytes)
+        self._updates = self._run()
+
+    def updates(self) -> Iterator[dict[str, Any]]:
+        """What the kernel produces, as it comes; the final `result` update comes last. There
+        is one stream of updates per execution: every call returns the same iterator.
+        """
+        return self._updates
+
+    def _run(self) -> Iterator[dict[str, Any]]:
+        try:
+            end = End()
+            for event in self._events or ():
+                if isinstance(event, Message):
+                    yield from self._result.add(event.message, event.size)
+                elif isinstance(event, End):
+                    end = event
+            if self._events is None:
+                end = End("timeout", {
+                    "ename": "ExecutionTimeout",
+                    "evalue": f"the kernel stayed busy with earlier code for the whole "
+                              f"{self._timeout:g} s deadline; this code did not run",
+                    "traceback": []})
+            self._result.truncated |= end.output_lost
+            answer = self._result.answer(end.status, end.error)
+        finally:
+            self._stack.close()
+        self.answer = answer
+        elapsed = time.monotonic() - self._started
+        self._manager.logger.info("code executed", kernel_id=self.kernel_id,
+                                  status=answer["status"], duration_ms=round(elapsed * 1000, 1))
+        metrics().executions.labels(answer["status"]).inc()
+        metrics().execution_seconds.observe(elapsed)
+        yield {"type": "result", **answer}
+
+    def partial_answer(self) -> dict[str, Any]:
+        """The answer so far (`status: "running"`) until the execution is over."""
+        return self.answer or self._result.answer("running")
+
+    def close(self) -> None:
+        """Releases the kernel (and its websocket), stopping the code first if it still runs;
+        safe to call twice. Call it from the thread that reads the updates.
+        """
+        try:
+            if self.answer is None and not self._stop.is_set():
+                self._stop.set()
+                for _ in self._updates:  # the stop, as a deadline would do it, then the end
+                    pass
+        except KernelError as err:
+            self._manager.logger.warning("could not stop an abandoned execution",
+                                         kernel_id=self.kernel_id, reason=err.message)
+        finally:
+            self._stack.close()
+
+    def __enter__(self) -> Execution:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _after_fork(manager_ref: weakref.ref) -> None:

@@ -1,0 +1,67 @@
+"""Streamed execution output: one JSON object per line (NDJSON), flushed as the kernel sends it.
+
+The lines are `Execution.updates()` as they come (`stdout`, `stderr`, `output`,
+`clear_output`, `update_display`, `error`), then one `result` line carrying the whole
+`execute_code` answer. A failure after the 200 went out (the Jupyter server went away) ends the
+stream with a `failure` line in the error shape of the API instead.
+
+A client that goes away mid-stream must not leave its code running unseen: the proxy notices
+when a write fails, and while the kernel is silent it peeks at the client's socket every half
+second (gunicorn hands it over as `gunicorn.socket`); either way the execution is closed, which
+interrupts the kernel (see `Execution.close`).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Response, stream_with_context
+
+from app.errors import failure_body
+from app.kernels.manager import Execution
+
+NDJSON = "application/x-ndjson"
+
+
+def ndjson_response(execution: Execution) -> Response:
+    """A 200 whose body streams the execution's updates, one JSON line each."""
+
+    def lines() -> Iterator[bytes]:
+        try:
+            for update in execution.updates():
+                yield _line(update)
+        except Exception as err:  # noqa: BLE001 - the status is sent: say it in the stream
+            yield _line({"type": "failure", **failure_body(err)})
+        finally:
+            execution.close()  # the client went away early: stop the code
+
+    return Response(stream_with_context(lines()), mimetype=NDJSON,
+                    headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"})
+
+
+def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
+    """A check that says True once the HTTP client has closed its connection, or None where
+    the server does not expose the socket (`flask run`: then a failed write tells).
+    """
+    sock = environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket):
+        return None
+
+    def gone() -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # open, nothing sent: the usual case
+        except ValueError:
+            return False  # a TLS socket takes no flags: rely on failed writes
+        except OSError:
+            return True  # reset by the peer
+
+    return gone
+
+
+def _line(update: dict[str, Any]) -> bytes:
+    return json.dumps(update, ensure_ascii=False).encode("utf-8") + b"\n"
