@@ -4,6 +4,7 @@ front of the gunicorn-served proxy, all on loopback.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -119,6 +120,50 @@ def test_execution_longer_than_nginx_default_read_timeout(proxy_behind_nginx):
         assert time.monotonic() - started >= 65
         assert answer.status_code == 200
         assert answer.json()["outputs"][0]["data"]["text/plain"] == "'still here'"
+    finally:
+        requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, headers=AUTH,
+                      timeout=60)
+
+
+def test_stream_lines_come_through_nginx_as_they_are_printed(proxy_behind_nginx):
+    url = proxy_behind_nginx
+    kernel_id = requests.post(f"{url}/start_kernel", headers=AUTH, timeout=60).json()["id"]
+    code = "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.6)"
+    try:
+        arrivals = []
+        with requests.post(f"{url}/execute_code", headers=AUTH, stream=True, timeout=60,
+                           json={"id": kernel_id, "code": code, "stream": True}) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines(chunk_size=1):
+                if line:
+                    arrivals.append((time.monotonic(), json.loads(line)))
+        stdout = [t for t, line in arrivals if line["type"] == "stdout"]
+        assert len(stdout) == 3
+        assert all(b - a > 0.3 for a, b in zip(stdout, stdout[1:], strict=False)), \
+            "nginx must pass each line on at once, not buffer the stream"
+        assert arrivals[-1][1]["type"] == "result" and arrivals[-1][1]["status"] == "ok"
+    finally:
+        requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, headers=AUTH,
+                      timeout=60)
+
+
+def test_client_dropping_a_stream_through_nginx_gets_its_code_interrupted(proxy_behind_nginx):
+    url = proxy_behind_nginx
+    kernel_id = requests.post(f"{url}/start_kernel", headers=AUTH, timeout=60).json()["id"]
+    try:
+        requests.post(f"{url}/execute_code", headers=AUTH, timeout=60,
+                      json={"id": kernel_id, "code": "kept = 7"})
+        with requests.post(f"{url}/execute_code", headers=AUTH, stream=True, timeout=60, json={
+                "id": kernel_id, "stream": True,
+                "code": "import time\nprint('go', flush=True)\nwhile True: time.sleep(0.05)"},
+                ) as response:
+            first = next(line for line in response.iter_lines(chunk_size=1) if line)
+            assert json.loads(first) == {"type": "stdout", "text": "go\n"}
+        # nginx closes its upstream connection when the client goes; the proxy interrupts.
+        answer = requests.post(f"{url}/execute_code", headers=AUTH, timeout=60,
+                               json={"id": kernel_id, "code": "kept", "timeout": 20}).json()
+        assert answer["status"] == "ok"
+        assert answer["outputs"][0]["data"]["text/plain"] == "7"
     finally:
         requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, headers=AUTH,
                       timeout=60)

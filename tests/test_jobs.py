@@ -1,0 +1,184 @@
+"""Async jobs (`"mode": "async"`): submitted, polled across workers, lost with their worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from app import create_app
+from tests.conftest import ProxyProcess, post
+
+pytestmark = pytest.mark.integration
+
+UNKNOWN = "0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10"
+
+
+@pytest.fixture(scope="module")
+def proxy(jupyter_server, tmp_path_factory) -> Iterator[ProxyProcess]:
+    """The real command with two workers sharing one job store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env["JUPYTER_TOKEN"] = jupyter_server.token
+    env["JUPYTER_JOB_STORE"] = str(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
+    process = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2"], env)
+    try:
+        process.wait_until_serving()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def kernel_id(proxy) -> Iterator[str]:
+    started = requests.post(f"{proxy.url}/start_kernel", timeout=120)
+    assert started.status_code == 200, started.text
+    kernel = started.json()["id"]
+    yield kernel
+    requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
+
+
+def submit(proxy: ProxyProcess, kernel: str, code: str, **fields) -> dict:
+    response = requests.post(f"{proxy.url}/execute_code", timeout=60,
+                             json={"id": kernel, "code": code, "mode": "async", **fields})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["Location"] == job["url"] == f"/executions/{job['execution_id']}"
+    return job
+
+
+def poll(proxy: ProxyProcess, job: dict) -> dict:
+    """GET the job on a new connection each time (so that either worker may answer)."""
+    response = requests.get(f"{proxy.url}{job['url']}", timeout=30,
+                            headers={"Connection": "close"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(proxy: ProxyProcess, job: dict, until, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = poll(proxy, job)
+        if until(state):
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"the job never reached the expected state: {state}")
+
+
+def test_job_answers_at_once_and_is_polled_to_completion_by_any_worker(proxy, kernel_id):
+    code = ("import time\n"
+            "for i in range(3):\n"
+            "    print(f'step {i}', flush=True)\n"
+            "    time.sleep(1)\n"
+            "'finished'")
+    started = time.monotonic()
+    job = submit(proxy, kernel_id, code)
+    assert time.monotonic() - started < 2, "202 comes before the code finishes"
+    assert job["status"] == "running" and job["kernel_id"] == kernel_id
+    assert job["finished_at"] is None
+    # While it runs: the output so far, not yet the end.
+    running = wait_for(proxy, job, lambda s: "step 0" in s["stdout"])
+    assert running["status"] == "running" and "step 2" not in running["stdout"]
+    done = wait_for(proxy, job, lambda s: s["status"] != "running")
+    assert done["status"] == "ok"
+    assert done["stdout"] == "step 0\nstep 1\nstep 2\n"
+    assert done["outputs"][0]["data"]["text/plain"] == "'finished'"
+    assert done["execution_count"] and done["finished_at"] and done["failure"] is None
+    assert any(m["msg_type"] == "execute_reply" for m in done["results"])
+    # Both workers answer for it: the state is in the shared store, not in one worker.
+    for _ in range(60):
+        assert poll(proxy, job)["status"] == "ok"
+    pids = {line["pid"] for line in proxy.log_lines()
+            if line.get("message") == "request" and line.get("path") == job["url"]
+            and line.get("status") == 200}
+    assert len(pids) == 2, f"expected both workers to answer, got {pids}"
+
+
+def test_job_keeps_running_after_its_client_went_away_and_respects_its_deadline(
+        proxy, kernel_id):
+    job = submit(proxy, kernel_id, "import time\nwhile True: time.sleep(0.05)", timeout=2)
+    done = wait_for(proxy, job, lambda s: s["status"] != "running")
+    assert done["status"] == "timeout"
+    assert done["error"]["ename"] == "ExecutionTimeout"
+    sync = requests.post(f"{proxy.url}/execute_code", timeout=60,
+                         json={"id": kernel_id, "code": "1 + 1"}).json()
+    assert sync["status"] == "ok"
+
+
+def test_job_of_a_dead_worker_says_lost_instead_of_running(proxy, kernel_id):
+    job = submit(proxy, kernel_id, "import time; time.sleep(120)")
+    [owner] = [line["pid"] for line in proxy.log_lines()
+               if line.get("message") == "job submitted"
+               and line.get("execution_id") == job["execution_id"]]
+    os.kill(owner, signal.SIGKILL)
+    lost = wait_for(proxy, job, lambda s: s["status"] != "running", timeout=40)
+    assert lost["status"] == "lost"
+    assert lost["failure"]["error"] == "job_lost"
+    assert lost["finished_at"] is not None
+    # The service keeps working: gunicorn replaces the worker, the kernel can be stopped.
+    interrupted = requests.post(f"{proxy.url}/interrupt_kernel", json={"id": kernel_id},
+                                timeout=60)
+    assert interrupted.status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        answer = requests.post(f"{proxy.url}/execute_code", timeout=60,
+                               json={"id": kernel_id, "code": "1 + 1", "timeout": 10}).json()
+        if answer["status"] == "ok":
+            break
+    assert answer["status"] == "ok"
+
+
+def test_unknown_and_malformed_execution_ids_are_404(proxy):
+    for execution_id in (UNKNOWN, "not-a-uuid", "1' OR '1'='1"):
+        response = requests.get(f"{proxy.url}/executions/{execution_id}", timeout=30)
+        assert response.status_code == 404
+        assert response.json()["error"] == "execution_not_found"
+
+
+def test_bad_job_requests_are_refused_before_anything_runs(proxy, kernel_id):
+    for body, status, code in (
+            ({"id": UNKNOWN, "code": "1"}, 404, "kernel_not_found"),
+            ({"id": kernel_id, "code": "1", "timeout": -1}, 400, "invalid_request"),
+            ({"id": kernel_id, "code": "1", "mode": "later"}, 400, "invalid_request")):
+        response = requests.post(f"{proxy.url}/execute_code", timeout=30,
+                                 json={**body, "mode": body.get("mode", "async")})
+        assert (response.status_code, response.json()["error"]) == (status, code), body
+
+
+def test_finished_jobs_are_forgotten_after_the_retention_time(settings, kernel, tmp_path):
+    http = create_app(settings.replace(job_store=str(tmp_path / "jobs.sqlite3"),
+                                       job_retention=1.0)).test_client()
+    status, job = post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})
+    assert status == 202
+    deadline = time.monotonic() + 30
+    while http.get(job["url"]).get_json()["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert http.get(job["url"]).status_code == 200
+    time.sleep(1.5)
+    assert http.get(job["url"]).status_code == 404
+
+
+def test_jobs_past_the_running_limit_are_429(settings, kernel, tmp_path):
+    http = create_app(settings.replace(job_store=str(tmp_path / "jobs.sqlite3"),
+                                       max_running_jobs=1)).test_client()
+    status, first = post(http, "/execute_code",
+                         {"id": kernel, "code": "import time; time.sleep(2)", "mode": "async"})
+    assert status == 202
+    status, body = post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})
+    assert status == 429 and body["error"] == "too_many_jobs"
+    assert "JUPYTER_MAX_RUNNING_JOBS" in body["message"]
+    deadline = time.monotonic() + 30
+    while http.get(first["url"]).get_json()["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})[0] == 202
+
+
+def test_the_job_store_file_is_private(settings, tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    create_app(settings.replace(job_store=str(path)))
+    assert path.stat().st_mode & 0o077 == 0
