@@ -177,8 +177,7 @@ class JobRunner:
                                          "the code"}
             self.store.save(job_id, LOST, job["answer"], job["failure"], finished=True)
             job["finished_at"] = time.time()
-        return {
-            **job["answer"],
+        record = {
             "execution_id": job["id"],
             "kernel_id": job["kernel_id"],
             "status": job["status"],
@@ -186,6 +185,8 @@ class JobRunner:
             "finished_at": _iso(job["finished_at"]),
             "failure": job["failure"],
         }
+        record.update((k, v) for k, v in job["answer"].items() if k != "status")
+        return record
 
     def _run(self, job_id: str, kernel_id: str, code: str, timeout: float) -> None:
         answer = _empty_answer()
