@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from app.kernels import connections
@@ -116,6 +119,38 @@ def test_sweep_closes_long_idle_and_dead_channels_and_keeps_the_rest():
     assert old.closed and dead.closed and not fine.closed
     assert fine.waiting == []  # read, so that nothing piles up on the server
     assert cache.take("fine") is fine
+
+
+def test_sweep_closes_an_idle_channel_whose_kernel_another_process_uses():
+    """The server copies each iopub message to every connection of a kernel: a worker that
+    no longer uses a kernel must not keep a second connection to it.
+    """
+    now = [0.0]
+    elsewhere = {"moved", "busy-here"}
+    cache = ChannelCache(capacity=4, clock=lambda: now[0],
+                         used_elsewhere=lambda kernel_id: kernel_id in elsewhere)
+    moved, ours = FakeChannel("moved"), FakeChannel("ours")
+    cache.give(moved)
+    cache.give(ours)
+    now[0] = connections.SWEEP_SECONDS / 2
+    recent = FakeChannel("busy-here")
+    cache.give(recent)  # just used here: not idle for a sweep yet
+    now[0] = connections.SWEEP_SECONDS + 0.1
+    cache.sweep()
+    assert moved.closed
+    assert not ours.closed and not recent.closed
+    assert cache.take("ours") is ours and cache.take("busy-here") is recent
+
+
+def test_kernel_lock_records_its_last_user(tmp_path, monkeypatch):
+    from app.kernels.locks import KernelLocks
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    locks = KernelLocks("http://127.0.0.1:1")
+    assert locks.last_user("k") is None
+    with locks.hold("k", deadline=time.monotonic() + 10) as acquired:
+        assert acquired
+    assert locks.last_user("k") == os.getpid()
 
 
 def test_forget_and_close():

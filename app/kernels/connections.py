@@ -10,7 +10,9 @@ An idle channel still receives what the kernel broadcasts (other clients' output
 shutdown). Whoever takes it first reads everything pending: a channel whose kernel was shut
 down or is dead is closed instead of handed out, and so is one with more pending than can be
 read quickly. The janitor does the same every few seconds, so that nothing piles up on the
-server for an idle connection, and closes channels idle for too long. At most `capacity` idle
+server for an idle connection, and closes channels idle for too long, or idle while another
+worker process uses their kernel: the server copies every iopub message to each connection of
+a kernel, so a kernel should not keep one per worker. At most `capacity` idle
 channels are kept; the least recently used go first.
 """
 
@@ -36,9 +38,14 @@ DRAIN_SECONDS = 0.25  # longest a take() spends reading what piled up on an idle
 class ChannelCache:
     """Idle kernel channels of one process, at most one per kernel."""
 
-    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic,
+                 used_elsewhere: Callable[[str], bool] | None = None) -> None:
+        """`used_elsewhere(kernel_id)` says whether another process ran code on the kernel
+        since this one did (see `KernelLocks.last_user`).
+        """
         self.capacity = capacity
         self.clock = clock
+        self.used_elsewhere = used_elsewhere
         self._lock = threading.Lock()
         self._idle: OrderedDict[str, tuple[KernelChannel, float]] = OrderedDict()
         self._janitor: threading.Thread | None = None
@@ -95,7 +102,7 @@ class ChannelCache:
             if entry is None:
                 continue  # taken meanwhile
             channel, since = entry
-            if now - since > IDLE_SECONDS or \
+            if now - since > IDLE_SECONDS or self._used_elsewhere(kernel_id, now - since) or \
                     not drain(channel, time.monotonic() + DRAIN_SECONDS):
                 channel.close()
                 continue
@@ -108,6 +115,15 @@ class ChannelCache:
                     keep = True
             if not keep:
                 channel.close()
+
+    def _used_elsewhere(self, kernel_id: str, idle: float) -> bool:
+        """A channel idle for a sweep while another process uses its kernel is a duplicate."""
+        if self.used_elsewhere is None or idle < SWEEP_SECONDS:
+            return False
+        try:
+            return self.used_elsewhere(kernel_id)
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Closes every idle channel and stops the janitor; safe to call twice."""

@@ -68,6 +68,16 @@ class KernelLocks:
                 else:
                     del self._threads[kernel_id]
 
+    def last_user(self, kernel_id: str) -> int | None:
+        """The pid of the process that last held the kernel's lock (None if unknown)."""
+        if self._directory is None:
+            return None
+        try:
+            text = (self._directory / f"{kernel_id}.lock").read_text()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.strip().isdigit() else None
+
     def forget(self, kernel_id: str) -> None:
         """Removes a shut-down kernel's lock file."""
         if self._directory is not None:
@@ -83,6 +93,7 @@ class KernelLocks:
             yield False  # the waiter thread owns (and closes) the descriptor now
             return
         try:
+            os.pwrite(fd, f"{os.getpid():<15}\n".encode(), 0)  # see last_user()
             yield True
         finally:
             os.close(fd)  # closing the descriptor releases the flock

@@ -86,12 +86,17 @@ class KernelManager:
     def _set_up_process_state(self) -> None:
         """What belongs to one process: warm websockets, ready kernels, thread locks."""
         self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions)
-        self._channels = ChannelCache(self.settings.max_idle_connections)
+        self._channels = ChannelCache(self.settings.max_idle_connections,
+                                      used_elsewhere=self._used_by_another_process)
         self._pool = KernelPool(self._pool_size, self.settings.kernel_name,
                                 start=lambda: self._start_new(self.settings.kernel_name,
                                                               warm=True),
                                 alive=self._is_alive, shutdown=self.client.shutdown_kernel) \
             if self._pool_size > 0 else None
+
+    def _used_by_another_process(self, kernel_id: str) -> bool:
+        last = self._locks.last_user(kernel_id)
+        return last is not None and last != os.getpid()
 
     def start_kernel(self, name: str | None = None) -> dict[str, Any]:
         """Starts a kernel of spec `name` (default: settings) and returns once it can execute.
