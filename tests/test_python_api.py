@@ -46,3 +46,27 @@ def test_concurrent_executions_on_one_kernel_each_get_their_own_output(manager, 
     with ThreadPoolExecutor(8) as pool:
         outputs = list(pool.map(run, range(24)))
     assert outputs == [f"{i}\n" for i in range(24)]
+
+
+def test_readme_streaming_example(manager, kernel):
+    seen = []
+    with manager.begin_execution(kernel, "for i in range(3): print(i)") as execution:
+        for update in execution.updates():
+            if update["type"] == "stdout":
+                seen.append(update["text"])
+    assert "".join(seen) == "0\n1\n2\n"
+    assert execution.answer["status"] == "ok"
+    assert execution.answer["stdout"] == "0\n1\n2\n"
+
+
+def test_leaving_an_execution_early_interrupts_the_code(manager, kernel):
+    manager.execute_code(kernel, "kept = 'yes'")
+    with manager.begin_execution(kernel, "import time\nprint('go', flush=True)\n"
+                                 "while True: time.sleep(0.05)", timeout=60) as execution:
+        for update in execution.updates():
+            if update["type"] == "stdout":
+                break
+    assert execution.answer["status"] == "cancelled"
+    assert execution.answer["error"]["ename"] == "ExecutionCancelled"
+    after = manager.execute_code(kernel, "kept", timeout=10)
+    assert after["outputs"][0]["data"]["text/plain"] == "'yes'"
