@@ -26,15 +26,34 @@ from app import JupyterClient, KernelManager, Settings, create_app
 from app.embedded import EmbeddedJupyterServer, free_port
 from app.logs import configure_logging
 from app.kernels import KernelNotFound
+from tests.gateway import KernelGatewayServer
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def jupyter_server() -> Iterator[EmbeddedJupyterServer]:
-    """A real jupyter_server + ipykernel on a free loopback port with a random token."""
-    with EmbeddedJupyterServer(startup_timeout=120) as server:
+UPSTREAMS = ("jupyter_server", "kernel_gateway")
+
+
+@pytest.fixture(scope="session", params=UPSTREAMS)
+def jupyter_server(request) -> Iterator[EmbeddedJupyterServer | KernelGatewayServer]:
+    """A real upstream on a free loopback port with a random token, once per kind: a
+    jupyter_server, then a Jupyter Kernel Gateway (`tests/gateway.py`), both with ipykernel.
+    Every test that uses it runs against both (`-k kernel_gateway` picks one); pytest groups
+    the tests by upstream, so each starts once. Both offer `url`, `token` and `kind`.
+    """
+    server = EmbeddedJupyterServer(startup_timeout=120) if request.param == "jupyter_server" \
+        else KernelGatewayServer(startup_timeout=120)
+    server.kind = request.param
+    with server:
         yield server
+
+
+@pytest.fixture
+def upstream_class(jupyter_server) -> type:
+    """The class of `jupyter_server`, for a test that starts and stops servers of its own of
+    the same kind: `upstream_class(port=..., token=..., limit_rate=...)`.
+    """
+    return type(jupyter_server)
 
 
 @pytest.fixture(scope="session")

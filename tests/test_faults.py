@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from app import create_app
-from app.embedded import EmbeddedJupyterServer, free_port
+from app.embedded import free_port
 from tests.conftest import post
 from tests.forwarder import TcpForwarder
 
@@ -82,8 +82,9 @@ def test_thirty_megabyte_print_is_capped_and_the_kernel_survives(settings, kerne
     assert value(run(http, kernel, "6 * 7")) == "42"
 
 
-def test_output_dropped_by_the_servers_rate_limit_is_reported_as_truncated(settings):
-    with EmbeddedJupyterServer(limit_rate=True) as server:
+def test_output_dropped_by_the_servers_rate_limit_is_reported_as_truncated(settings,
+                                                                          upstream_class):
+    with upstream_class(limit_rate=True) as server:
         limited = settings.replace(server_url=server.url, token=server.token)
         http = create_app(limited).test_client()
         kernel_id = http.post("/start_kernel").get_json()["id"]
@@ -119,9 +120,9 @@ def test_kernel_shut_down_mid_cell_is_reported_at_once(http, manager):
 
 # -- the Jupyter server goes away and comes back -----------------------------------------------
 
-def test_server_stopped_then_restarted_is_503_then_served_again(settings):
+def test_server_stopped_then_restarted_is_503_then_served_again(settings, upstream_class):
     port = free_port()
-    server = EmbeddedJupyterServer(port=port).start()
+    server = upstream_class(port=port).start()
     app_settings = settings.replace(server_url=server.url, token=server.token, timeout_connect=2)
     http = create_app(app_settings).test_client()
     kernel_id = http.post("/start_kernel").get_json()["id"]
@@ -135,7 +136,7 @@ def test_server_stopped_then_restarted_is_503_then_served_again(settings):
         assert response.status_code == 503, response.get_json()
         assert time.monotonic() - started < app_settings.timeout_connect * 3 + 5
 
-    server = EmbeddedJupyterServer(port=port, token=server.token).start()
+    server = upstream_class(port=port, token=server.token).start()
     try:
         kernel_id = http.post("/start_kernel").get_json()["id"]
         assert value(run(http, kernel_id, "2 + 2")) == "4"
