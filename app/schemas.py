@@ -1,4 +1,6 @@
-"""marshmallow schemas for request bodies, and `load_body()` which applies one to a request."""
+"""marshmallow schemas for request bodies, and `load_body()` which applies one to a request;
+schemas of the answers, for the OpenAPI document.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +8,15 @@ import json
 from typing import Any
 
 from flask import current_app, g, request
-from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import (
+    INCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates,
+    validates_schema,
+)
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.kernels.errors import InvalidRequest
@@ -103,3 +113,225 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
     data = schema.load(body)
     g.kernel_id = data.get("id")
     return data
+
+
+# -- Response schemas -----------------------------------------------------------------------
+# They describe the answers in the OpenAPI document (app/openapi.py); the views build their
+# answers as plain dicts and never dump them through these. Fields may be added to answers in
+# later versions, never removed (CONTRACT.md), so every answer object admits more properties
+# (`unknown = INCLUDE` becomes `additionalProperties: true`).
+
+EXECUTION_STATUSES = ("ok", "error", "aborted", "timeout", "crashed")
+JOB_STATUSES = ("running", *EXECUTION_STATUSES, "lost")
+
+
+def _doc(text: str = "", **more: Any) -> dict[str, Any]:
+    """A field's `metadata`: its description and other OpenAPI keywords."""
+    return ({"description": text} if text else {}) | more
+
+
+class Answer(Schema):
+    """An answer object: open to fields added later."""
+
+    class Meta:
+        unknown = INCLUDE
+
+
+class ErrorAnswer(Answer):
+    """Every non-2xx answer: `{"error", "message", "details"?}`."""
+
+    error = fields.String(required=True, metadata=_doc(
+        "a short, stable code such as `kernel_not_found`; see the README's Errors table"))
+    message = fields.String(required=True, metadata=_doc(
+        "what went wrong and how to fix it, for people"))
+    details = fields.Dict(metadata=_doc(
+        "more about the error, when there is something to add (`fields` for invalid bodies, "
+        "`available` kernel specs, `kernel_id` ...)"))
+
+
+class KernelAnswer(Answer):
+    """A kernel that `start_kernel` started."""
+
+    id = fields.String(required=True, metadata=_doc("the kernel id", format="uuid"))
+    name = fields.String(required=True, metadata=_doc("its kernel spec"))
+    execution_state = fields.String(metadata=_doc("`idle` once it can execute code"))
+    last_activity = fields.String(allow_none=True, metadata=_doc(
+        "when the Jupyter server last saw it busy, ISO 8601", format="date-time"))
+
+
+class JupyterMessage(Answer):
+    """One raw Jupyter message of an execution, as the kernel sent it (binary buffers
+    dropped)."""
+
+    header = fields.Dict(required=True)
+    parent_header = fields.Dict(required=True)
+    metadata = fields.Dict(required=True)
+    content = fields.Dict(required=True)
+    msg_type = fields.String(required=True)
+    channel = fields.String(metadata=_doc("`iopub` or `shell`"))
+
+
+class Output(Answer):
+    """An `execute_result` or `display_data`, the data as the kernel sent it."""
+
+    type = fields.String(required=True,
+                         validate=validate.OneOf(["execute_result", "display_data"]))
+    data = fields.Dict(required=True, metadata=_doc("MIME type -> data (images base64)"))
+    metadata = fields.Dict(required=True)
+    display_id = fields.String(metadata=_doc("the display it shows, when it has one"))
+
+
+class CodeError(Answer):
+    """The exception the code raised, or what went wrong around it."""
+
+    ename = fields.String(required=True)
+    evalue = fields.String(required=True)
+    traceback = fields.List(fields.String(), required=True,
+                            metadata=_doc("the kernel's traceback lines, ANSI colours kept"))
+    traceback_text = fields.String(metadata=_doc("the traceback as plain text"))
+
+
+class ExecutionAnswer(Answer):
+    """What `execute_code` answers whenever the code ran, whatever the code did."""
+
+    results = fields.List(fields.Nested(JupyterMessage), required=True, metadata=_doc(
+        "the raw messages answering this request, in arrival order, `execute_reply` included"))
+    status = fields.String(required=True, validate=validate.OneOf(EXECUTION_STATUSES))
+    execution_count = fields.Integer(required=True, allow_none=True)
+    stdout = fields.String(required=True)
+    stderr = fields.String(required=True)
+    outputs = fields.List(fields.Nested(Output), required=True)
+    error = fields.Nested(CodeError, required=True, allow_none=True)
+    truncated = fields.Boolean(required=True, metadata=_doc(
+        "output went past JUPYTER_MAX_OUTPUT_BYTES or the server dropped some"))
+
+
+class ExecutionJob(ExecutionAnswer):
+    """An execution run with `"mode": "async"`: the answer so far, and when it ran."""
+
+    execution_id = fields.String(required=True)
+    kernel_id = fields.String(required=True, metadata=_doc(format="uuid"))
+    status = fields.String(required=True, validate=validate.OneOf(JOB_STATUSES), metadata=_doc(
+        "`running` until it ends; `lost` if the proxy stopped before it ended"))
+    submitted_at = fields.String(required=True, metadata=_doc(format="date-time"))
+    finished_at = fields.String(required=True, allow_none=True,
+                                metadata=_doc("`null` while running", format="date-time"))
+
+
+class ExecutionAccepted(Answer):
+    """The 202 answer to `"mode": "async"`: where to read the execution."""
+
+    execution_id = fields.String(required=True)
+    kernel_id = fields.String(required=True, metadata=_doc(format="uuid"))
+    status = fields.String(required=True, validate=validate.OneOf(["running"]))
+    url = fields.String(required=True, metadata=_doc("`/executions/<execution_id>`"))
+
+
+class ShutdownAnswer(Answer):
+    """`{"message": "Kernel <id> shutdown"}`."""
+
+    message = fields.String(required=True)
+
+
+class InterruptAnswer(Answer):
+    """The kernel was interrupted."""
+
+    id = fields.String(required=True, metadata=_doc(format="uuid"))
+    message = fields.String(required=True)
+
+
+class RestartAnswer(InterruptAnswer):
+    """The kernel was restarted under the same id: its state is gone."""
+
+    state_lost = fields.Boolean(required=True, metadata=_doc("always true", enum=[True]))
+
+
+class KernelInfo(Answer):
+    """A kernel the Jupyter server runs."""
+
+    id = fields.String(required=True, metadata=_doc(format="uuid"))
+    name = fields.String(required=True)
+    execution_state = fields.String(required=True)
+    last_activity = fields.String(required=True, allow_none=True,
+                                  metadata=_doc(format="date-time"))
+    connections = fields.Integer(required=True)
+
+
+class KernelList(Answer):
+    """Every kernel the Jupyter server runs."""
+
+    kernels = fields.List(fields.Nested(KernelInfo), required=True)
+
+
+class KernelSpec(Answer):
+    """A kernel spec: what `start_kernel` may be asked for by `name`."""
+
+    name = fields.String(required=True)
+    display_name = fields.String(required=True)
+    language = fields.String(required=True)
+
+
+class KernelSpecs(Answer):
+    """The kernel specs of the Jupyter server, by name."""
+
+    default = fields.String(required=True, metadata=_doc("the spec used when none is named"))
+    kernelspecs = fields.Dict(keys=fields.String(), values=fields.Nested(KernelSpec),
+                              required=True)
+
+
+class HealthAnswer(Answer):
+    """The proxy serves."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["ok"]))
+    version = fields.String(required=True)
+
+
+# Lines of a streamed execution (`application/x-ndjson`): one JSON object per line.
+
+class StreamText(Answer):
+    """Output written to stdout or stderr."""
+
+    type = fields.String(required=True, validate=validate.OneOf(["stdout", "stderr"]))
+    text = fields.String(required=True)
+
+
+class StreamOutput(Answer):
+    """A rich output (`execute_result`, `display_data`), or an update of a shown display."""
+
+    type = fields.String(required=True, validate=validate.OneOf(["output", "update_display"]))
+    output = fields.Nested(Output, required=True)
+
+
+class StreamClearOutput(Answer):
+    """The code cleared its output (`wait`: when the next output comes)."""
+
+    type = fields.String(required=True, validate=validate.OneOf(["clear_output"]))
+    wait = fields.Boolean(required=True)
+
+
+class StreamError(Answer):
+    """The code raised."""
+
+    type = fields.String(required=True, validate=validate.OneOf(["error"]))
+    error = fields.Nested(CodeError, required=True)
+
+
+class StreamResult(ExecutionAnswer):
+    """The last line: the whole `execute_code` answer."""
+
+    type = fields.String(required=True, validate=validate.OneOf(["result"]))
+
+
+class StreamFailure(Answer):
+    """The last line when the upstream failed mid-stream: what an error answer would say."""
+
+    type = fields.String(required=True, validate=validate.OneOf(["failure"]))
+    error = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+STREAM_LINES: dict[str, type[Schema]] = {
+    "stdout": StreamText, "stderr": StreamText, "output": StreamOutput,
+    "update_display": StreamOutput, "clear_output": StreamClearOutput, "error": StreamError,
+    "result": StreamResult, "failure": StreamFailure,
+}
