@@ -38,6 +38,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     from app.api import bp
     from app.errors import register_error_handlers
     from app.guards import register_guards
+    from app.openapi import register_openapi
 
     if isinstance(config, Settings):
         settings = config
@@ -61,6 +62,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     register_guards(app)
     app.register_blueprint(bp)
+    register_openapi(app)
     return app
 
 

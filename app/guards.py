@@ -13,7 +13,7 @@ from flask import Flask, current_app, request
 from app.errors import ApiError
 from app.settings import is_loopback
 
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})  # the spec holds nothing secret
 
 
 def register_guards(app: Flask) -> None:
@@ -63,7 +63,7 @@ def _known(host: str, settings: Any) -> bool:
 
 
 def require_api_key() -> None:
-    """With `JUPYTER_PROXY_API_KEY` set, every endpoint but `/health` needs the bearer key."""
+    """With `JUPYTER_PROXY_API_KEY` set, every endpoint but `PUBLIC_PATHS` needs the bearer key."""
     keys = current_app.config["SETTINGS"].api_keys
     if not keys or request.path in PUBLIC_PATHS:
         return
