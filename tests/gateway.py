@@ -34,7 +34,8 @@ c.KernelGatewayApp.port_retries = 0
 c.KernelGatewayApp.auth_token = {token!r}
 # KG refuses GET /api/kernels (403) unless told otherwise; JUPYTER_MAX_KERNELS counts kernels
 # with it, and tests list kernels.
-c.JupyterWebsocketPersonality.list_kernels = True
+c.JupyterWebsocketPersonality.list_kernels = {list_kernels}
+c.KernelGatewayApp.max_kernels = {max_kernels}
 # As for the embedded jupyter_server: ordinary output must reach the proxy whole (KG relays
 # kernels through jupyter_server's own websocket connection class, rate limit included).
 c.ZMQChannelsWebsocketConnection.limit_rate = {limit_rate}
@@ -51,12 +52,17 @@ class KernelGatewayServer:
     kind = "kernel_gateway"
 
     def __init__(self, startup_timeout: float = 60.0, *, port: int = 0,
-                 token: str | None = None, limit_rate: bool = False) -> None:
-        """`port` 0 picks a free one; `limit_rate` keeps the server's iopub rate limit."""
+                 token: str | None = None, limit_rate: bool = False, list_kernels: bool = True,
+                 max_kernels: int | None = None) -> None:
+        """`port` 0 picks a free one; `limit_rate` keeps the server's iopub rate limit;
+        `list_kernels` and `max_kernels` are KG's own settings (its defaults: False, None).
+        """
         self.startup_timeout = startup_timeout
         self.token = token or secrets.token_urlsafe(32)
         self.requested_port = port
         self.limit_rate = limit_rate
+        self.list_kernels = list_kernels
+        self.max_kernels = max_kernels
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
@@ -82,8 +88,9 @@ class KernelGatewayServer:
         kernels_dir = tempfile.mkdtemp(prefix="kernels-", dir=self._workdir)
         self.port = self.requested_port or free_port()
         config = Path(self._workdir) / "kernel_gateway_config.py"
-        config.write_text(CONFIG_TEMPLATE.format(port=self.port, token=self.token,
-                                                 limit_rate=self.limit_rate))
+        config.write_text(CONFIG_TEMPLATE.format(
+            port=self.port, token=self.token, limit_rate=self.limit_rate,
+            list_kernels=self.list_kernels, max_kernels=self.max_kernels))
         env = {k: v for k, v in os.environ.items()
                if k not in PRIVATE_VARIABLES and not k.startswith("KG_")}
         env["JUPYTER_RUNTIME_DIR"] = self._workdir  # connection files go away with us

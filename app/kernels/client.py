@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,8 +20,10 @@ from urllib3.util.retry import Retry
 
 from app.kernels.channel import KernelChannel
 from app.kernels.errors import (
+    KernelError,
     KernelNotFound,
     KernelSpecNotFound,
+    TooManyKernels,
     UpstreamAuthError,
     UpstreamError,
     UpstreamTimeout,
@@ -30,6 +33,17 @@ from app.logs import StructuredLogger
 from app.settings import Settings
 
 KERNELSPEC_CACHE_SECONDS = 10.0
+
+# Kernel Gateway and Enterprise Gateway answer 403 to refusals that have nothing to do with the
+# token (which they refuse with 401): a kernel start past their own kernel limit (KG: "Resource
+# Limit"; EG: "A max kernels limit has been set ..." and "A max kernels per user limit ..."),
+# and any listing of kernels unless it is turned on.
+KERNEL_LIMIT_WORDS = ("resource limit", "max kernels")
+LISTING_REFUSED = (
+    "the Jupyter server refuses to list its kernels (HTTP 403) although it accepts the proxy's "
+    "token: Kernel Gateway and Enterprise Gateway do unless listing is turned on "
+    "(KG_LIST_KERNELS=True, EG_LIST_KERNELS=True); GET /kernels and JUPYTER_MAX_KERNELS need it"
+)
 
 
 class JupyterClient:
@@ -82,15 +96,17 @@ class JupyterClient:
     def start_kernel(self, name: str) -> dict[str, Any]:
         """`POST /api/kernels`: the new kernel's model (it may still be starting).
 
-        The name is checked against the server's kernel specs first: jupyter_server answers an
-        unknown name with a bare 500.
+        The name is checked against the server's kernel specs first: jupyter_server (and the
+        gateways built on it) answer an unknown name with a bare 500. That read also shows that
+        the server takes the token, so a 403 to the start is a refusal of another kind.
         """
         names = sorted(self.kernelspecs()["kernelspecs"])
         if name not in names:
             raise KernelSpecNotFound(f"no kernel spec named {name!r} on the Jupyter server",
                                      available=names)
         model = self._request("POST", "/api/kernels", json={"name": name},
-                              timeout=self.settings.kernel_start_timeout)
+                              timeout=self.settings.kernel_start_timeout,
+                              forbidden=_start_refused)
         if not isinstance(model, dict) or not isinstance(model.get("id"), str):
             raise UpstreamError("the Jupyter server answered a kernel start without a kernel id")
         return model
@@ -103,11 +119,18 @@ class JupyterClient:
         """`GET /api/kernels`: every kernel the server runs.
 
         jupyter_server can fail a listing while a kernel is being removed; a read is safe to
-        repeat, so it is asked twice more before the failure counts.
+        repeat, so it is asked twice more before the failure counts. A gateway that does not
+        list kernels answers 403, as jupyter_server answers a wrong token: a second read (of
+        the kernel specs) tells the two apart.
         """
         for attempt in range(3):
             try:
                 kernels = self._request("GET", "/api/kernels")
+            except UpstreamAuthError as err:
+                if err.details.get("upstream_status") == 403 and self._takes_token():
+                    raise UpstreamError(LISTING_REFUSED, request="GET /api/kernels",
+                                        upstream_status=403) from None
+                raise
             except UpstreamError as err:
                 if attempt == 2 or err.details.get("upstream_status", 0) < 500:
                     raise
@@ -132,9 +155,21 @@ class JupyterClient:
         self._request("POST", f"/api/kernels/{kernel_id}/restart", kernel_id=kernel_id,
                       timeout=self.settings.kernel_start_timeout)
 
+    def _takes_token(self) -> bool:
+        """True if the server answers an authenticated read (its kernel specs) with our token."""
+        try:
+            self._request("GET", "/api/kernelspecs")
+        except KernelError:
+            return False
+        return True
+
     def _request(self, method: str, path: str, *, json: Any = None, timeout: float | None = None,
-                 kernel_id: str | None = None) -> Any:
-        """One REST call; foreign errors become `KernelError`s without upstream text."""
+                 kernel_id: str | None = None,
+                 forbidden: Callable[[requests.Response, str], KernelError] | None = None) -> Any:
+        """One REST call; foreign errors become `KernelError`s without upstream text.
+
+        `forbidden` makes the error for a 403 when the caller knows the token is accepted.
+        """
         timeouts = (self.settings.timeout_connect, timeout or self.settings.timeout_total)
         what = f"{method} {path}"
         try:
@@ -151,6 +186,9 @@ class JupyterClient:
         status = response.status_code
         if status == 404 and kernel_id is not None:
             raise KernelNotFound(kernel_id)
+        if status == 403 and forbidden is not None:
+            self.logger.warning("upstream refusal", request=what, upstream_status=status)
+            raise forbidden(response, what)
         if status in (401, 403):
             raise UpstreamAuthError("the Jupyter server refused the proxy's token; check "
                                     "JUPYTER_TOKEN", request=what, upstream_status=status)
@@ -190,3 +228,25 @@ class JupyterClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_refused(response: requests.Response, what: str) -> KernelError:
+    """The error for a 403 to `POST /api/kernels` sent with a token the server takes.
+
+    The upstream text is only looked at, never passed on.
+    """
+    try:
+        body = response.json()
+        said = " ".join(str(body.get(key) or "") for key in ("message", "reason")).lower()
+    except (ValueError, AttributeError):
+        said = ""
+    if any(words in said for words in KERNEL_LIMIT_WORDS):
+        return TooManyKernels(
+            "the Jupyter server refuses to start another kernel: its own kernel limit is reached "
+            "(Kernel Gateway's KG_MAX_KERNELS, Enterprise Gateway's EG_MAX_KERNELS or "
+            "EG_MAX_KERNELS_PER_USER); shut one down first", upstream_status=403)
+    return UpstreamError(
+        "the Jupyter server refused to start a kernel (HTTP 403) although it accepts the "
+        "proxy's token; Enterprise Gateway does so when KERNEL_USERNAME (its own user: the proxy "
+        "sends none) is not allowed to start kernels (EG_AUTHORIZED_USERS, "
+        "EG_UNAUTHORIZED_USERS, which holds root by default)", request=what, upstream_status=403)
