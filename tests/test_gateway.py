@@ -152,3 +152,24 @@ def test_gateway_refuses_a_wrong_token_with_401_which_is_the_token(strict_settin
         assert response.status_code == 502, response.get_json()
         assert response.get_json()["error"] == "upstream_auth_failed"
         assert "wrong-token-123" not in response.get_data(as_text=True)
+
+
+# -- KERNEL_ variables in the start request --------------------------------------------------
+
+def test_env_in_a_start_request_reaches_a_gateways_kernel_and_jupyter_server_ignores_it(
+        jupyter_server, settings, manager):
+    env = {"KERNEL_USERNAME": "alice", "NOT_A_KERNEL_VARIABLE": "x"}
+    with JupyterClient(settings) as client:
+        kernel_id = client.start_kernel("python3", env=env)["id"]
+    try:
+        answer = manager.execute_code(kernel_id, "import os\nprint(os.environ.get("
+                                      "'KERNEL_USERNAME'), os.environ.get('NOT_A_KERNEL_VARIABLE'),"
+                                      " 'HOME' in os.environ)")
+    finally:
+        manager.shutdown_kernel(kernel_id)
+    if jupyter_server.kind == "kernel_gateway":
+        # KERNEL_* passes; anything else only if whitelisted; the gateway's own environment
+        # (HOME, ...) is no longer inherited once a request carries an env.
+        assert answer["stdout"] == "alice None False\n"
+    else:
+        assert answer["stdout"] == "None None True\n"

@@ -93,8 +93,14 @@ class JupyterClient:
             self._specs = (time.monotonic(), specs)
         return specs
 
-    def start_kernel(self, name: str) -> dict[str, Any]:
+    def start_kernel(self, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         """`POST /api/kernels`: the new kernel's model (it may still be starting).
+
+        `env` is sent in the body when given: Kernel Gateway and Enterprise Gateway pass its
+        `KERNEL_*` variables (and those their `env_whitelist` allows) to the kernel, which then
+        inherits only PATH and their `env_process_whitelist` from the gateway's environment
+        instead of all of it; Enterprise Gateway reads `KERNEL_USERNAME` and
+        `KERNEL_LAUNCH_TIMEOUT` from it. jupyter_server ignores it.
 
         The name is checked against the server's kernel specs first: jupyter_server (and the
         gateways built on it) answer an unknown name with a bare 500. That read also shows that
@@ -104,7 +110,10 @@ class JupyterClient:
         if name not in names:
             raise KernelSpecNotFound(f"no kernel spec named {name!r} on the Jupyter server",
                                      available=names)
-        model = self._request("POST", "/api/kernels", json={"name": name},
+        body: dict[str, Any] = {"name": name}
+        if env:
+            body["env"] = dict(env)
+        model = self._request("POST", "/api/kernels", json=body,
                               timeout=self.settings.kernel_start_timeout,
                               forbidden=_start_refused)
         if not isinstance(model, dict) or not isinstance(model.get("id"), str):
