@@ -156,7 +156,7 @@ def test_gateway_refuses_a_wrong_token_with_401_which_is_the_token(strict_settin
 
 # -- KERNEL_ variables in the start request --------------------------------------------------
 
-def test_env_in_a_start_request_reaches_a_gateways_kernel_and_jupyter_server_ignores_it(
+def test_kernel_env_in_a_start_request_reaches_only_a_gateways_kernel(
         jupyter_server, settings, manager):
     env = {"KERNEL_USERNAME": "alice", "NOT_A_KERNEL_VARIABLE": "x"}
     with JupyterClient(settings) as client:
