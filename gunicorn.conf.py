@@ -13,6 +13,7 @@ import tempfile
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.metrics import MULTIPROC_DIR, worker_exited
 from app.settings import Settings, SettingsError, environment_with_dotenv
+from app.worker import WORKER_CLASS
 
 try:
     _settings = Settings.from_environment(environment_with_dotenv(".env"))
@@ -36,7 +37,8 @@ def on_starting(server):
 
 # gthread: each worker serves `threads` requests at once; an execution blocks one thread for
 # as long as the code runs, so threads bound how many executions a worker runs in parallel.
-worker_class = "gthread"
+# This subclass of gthread also lets a stopping worker finish its async jobs (app/worker.py).
+worker_class = WORKER_CLASS
 workers = _settings.proxy_workers
 threads = _settings.proxy_threads
 

@@ -63,8 +63,8 @@ def execute_code() -> Any:
         return {**job, "url": url}, 202, {"Location": url}
     if body.get("stream", _prefers_ndjson()):
         execution = kernels().begin_execution(kernel_id, code, timeout,
-                                              cancelled=client_gone(request.environ))
-        return ndjson_response(execution)
+                                              poll=client_gone(request.environ))
+        return ndjson_response(execution, request.environ)
     return kernels().execute_code(kernel_id, code, timeout)
 
 

@@ -21,6 +21,7 @@ from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
 from app.metrics import MULTIPROC_DIR, worker_exited
 from app.settings import Settings, SettingsError, environment_with_dotenv, is_loopback
+from app.worker import WORKER_CLASS
 
 # An embedded server is ours alone: keep a ready kernel per worker unless told otherwise.
 EMBEDDED_POOL_SIZE = 1
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     # The settings that matter are set here too, so that the proxy runs right without a file.
     options: dict[str, Any] = {
         "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
-        "worker_class": "gthread",
+        "worker_class": WORKER_CLASS,  # gthread, finishing async jobs before it exits
         "workers": settings.proxy_workers,
         "threads": settings.proxy_threads,
         "logger_class": "app.logs.GunicornLogger",
@@ -165,12 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     options["child_exit"] = lambda server, worker: worker_exited(worker.pid)
     master_pid = os.getpid()
     embedded = None
+    jobs_dir = None
     try:
         if args.embedded:
             embedded = EmbeddedJupyterServer(startup_timeout=settings.kernel_start_timeout)
             embedded.start()
             register_secrets([embedded.token])
             settings = settings.replace(server_url=embedded.url, token=embedded.token)
+            if not settings.job_store:
+                # This run's jobs go with it (the embedded server's URL is new every time).
+                jobs_dir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-jobs-")
+                settings = settings.replace(job_store=str(Path(jobs_dir) / "jobs.sqlite3"))
         log.info("proxy starting", bind=options["bind"][0], upstream=settings.server_url,
                  embedded=args.embedded)
         ProxyApplication(settings, config_file, options).run()
@@ -185,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.getpid() == master_pid:
             if embedded is not None:
                 embedded.stop()
-            if metrics_dir is not None:
-                shutil.rmtree(metrics_dir, ignore_errors=True)
+            for directory in (metrics_dir, jobs_dir):
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 

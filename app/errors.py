@@ -13,6 +13,7 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from app.jobs import JobStoreError
 from app.kernels import errors as kernel_errors
 from app.logs import StructuredLogger
 from app.metrics import metrics
@@ -94,6 +95,11 @@ def register_error_handlers(app: Flask) -> None:
     def _kernel_error(err: kernel_errors.KernelError) -> tuple[Response, int]:
         status, code = status_of(err)
         return error_response(status, code, err.message, err.details)
+
+    @app.errorhandler(JobStoreError)
+    def _job_store_error(err: JobStoreError) -> tuple[Response, int]:
+        log.error("the job store cannot be used", reason=str(err))
+        return error_response(503, "jobs_unavailable", f"async jobs are unavailable: {err}")
 
     @app.errorhandler(ValidationError)
     def _validation_error(err: ValidationError) -> tuple[Response, int]:

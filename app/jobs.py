@@ -7,39 +7,51 @@ lives in a `JobStore` that every worker reads, so that any worker can answer
 hosts only has to implement `JobStore`.
 
 What keeps a job honest:
-- its output so far is saved at most every `SAVE_SECONDS`, and in full when it ends;
-- the worker running it writes a heartbeat every `HEARTBEAT_SECONDS`; a running job whose
-  worker is gone (its process no longer exists, or no heartbeat for `LOST_AFTER_SECONDS`) is
-  reported `lost`, never `running` forever;
-- a finished job is kept `retention` seconds, then forgotten (404);
-- job threads are not daemons: a worker stopping gracefully finishes its jobs first (within
-  gunicorn's graceful timeout).
+- its output so far (`stdout`, `stderr`, `outputs`, `error`; the raw `results` only at the
+  end) is saved within `SAVE_SECONDS` of arriving, also while the kernel is silent, and in full
+  when it ends. Progress saves are best effort: a busy store delays them, never the job;
+- the worker running it writes a heartbeat every `HEARTBEAT_SECONDS`. A running job whose
+  worker is gone (on this host: its process is gone; anywhere: no heartbeat for
+  `LOST_AFTER_SECONDS`) is reported `lost`, never `running` forever. Writes are conditional,
+  so a job marked `lost` never turns `running` again, and its real end, if it comes, wins;
+- a worker that stops gracefully (SIGTERM, or gunicorn's `max_requests` recycling) first
+  finishes its jobs (`finish_jobs`, called by the worker class in `app/worker.py`);
+- a finished job is kept `retention` seconds, then forgotten (404).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import json
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from app.kernels.manager import KernelManager
+from app.kernels.manager import Execution, KernelManager
 from app.logs import StructuredLogger
 
 SAVE_SECONDS = 0.5
 HEARTBEAT_SECONDS = 2.0
-LOST_AFTER_SECONDS = 15.0
+LOST_AFTER_SECONDS = 30.0  # no heartbeat for this long: the worker is gone (any host)
 RUNNING = "running"
 LOST = "lost"
 FAILED = "failed"
+
+_RUNNERS: weakref.WeakSet[JobRunner] = weakref.WeakSet()  # for finish_jobs()
+
+
+class JobStoreError(Exception):
+    """The job store cannot be used (its path, its permissions)."""
 
 
 class JobStore(Protocol):
@@ -48,9 +60,15 @@ class JobStore(Protocol):
     def create(self, job_id: str, kernel_id: str, owner: str, answer: dict[str, Any]) -> None:
         """Records a new running job."""
 
-    def save(self, job_id: str, status: str, answer: dict[str, Any],
-             failure: dict[str, Any] | None = None, finished: bool = False) -> None:
-        """Updates a job's status and output (`finished`: it is over)."""
+    def save_progress(self, job_id: str, answer: dict[str, Any]) -> None:
+        """Updates a running job's output (not one that ended or was marked lost)."""
+
+    def finish(self, job_id: str, status: str, answer: dict[str, Any],
+               failure: dict[str, Any] | None = None) -> None:
+        """Records how a job ended (this wins over a `lost` mark)."""
+
+    def mark_lost(self, job_id: str, heartbeat: float, failure: dict[str, Any]) -> bool:
+        """Marks a job lost if it is still running with this heartbeat; True if it did."""
 
     def beat(self, job_ids: list[str]) -> None:
         """Says that the jobs' worker is alive."""
@@ -61,46 +79,74 @@ class JobStore(Protocol):
 
 class SqliteJobStore:
     """Jobs in one SQLite file shared by this host's workers (a connection per call: cheap,
-    and safe across threads and forks).
+    and safe across threads and forks). The file is created on first use, readable by this
+    user only.
     """
 
     def __init__(self, path: Path, retention: float) -> None:
         self.path = path
         self.retention = retention
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # private: outputs can be secret
-        os.close(fd)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("""CREATE TABLE IF NOT EXISTS jobs (
-                id TEXT PRIMARY KEY, kernel_id TEXT NOT NULL, owner TEXT NOT NULL,
-                status TEXT NOT NULL, submitted_at REAL NOT NULL, finished_at REAL,
-                heartbeat REAL NOT NULL, answer TEXT NOT NULL, failure TEXT)""")
+        self._ready = False
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A connection in autocommit mode, closed after use."""
+        if not self._ready:
+            self._create()
         db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
         try:
             yield db
         finally:
             db.close()
 
+    def _create(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            _check_private_file(self.path)
+            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("""CREATE TABLE IF NOT EXISTS jobs (
+                    id TEXT PRIMARY KEY, kernel_id TEXT NOT NULL, owner TEXT NOT NULL,
+                    status TEXT NOT NULL, submitted_at REAL NOT NULL, finished_at REAL,
+                    heartbeat REAL NOT NULL, answer TEXT NOT NULL, failure TEXT)""")
+            finally:
+                db.close()
+            self._ready = True
+
     def create(self, job_id: str, kernel_id: str, owner: str, answer: dict[str, Any]) -> None:
         now = time.time()
         with self._connect() as db:
-            db.execute("DELETE FROM jobs WHERE finished_at < ?", (now - self.retention,))
+            # Forget what ended long ago, and what no worker has owned for as long.
+            db.execute("DELETE FROM jobs WHERE finished_at < ? OR (finished_at IS NULL AND "
+                       "heartbeat < ?)", (now - self.retention, now - self.retention))
             db.execute("INSERT INTO jobs (id, kernel_id, owner, status, submitted_at, heartbeat,"
                        " answer) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (job_id, kernel_id, owner, RUNNING, now, now, json.dumps(answer)))
 
-    def save(self, job_id: str, status: str, answer: dict[str, Any],
-             failure: dict[str, Any] | None = None, finished: bool = False) -> None:
+    def save_progress(self, job_id: str, answer: dict[str, Any]) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET answer = ?, heartbeat = ? WHERE id = ? AND status = ?",
+                       (json.dumps(answer), time.time(), job_id, RUNNING))
+
+    def finish(self, job_id: str, status: str, answer: dict[str, Any],
+               failure: dict[str, Any] | None = None) -> None:
         now = time.time()
         with self._connect() as db:
             db.execute("UPDATE jobs SET status = ?, answer = ?, failure = ?, heartbeat = ?, "
                        "finished_at = ? WHERE id = ?",
                        (status, json.dumps(answer), json.dumps(failure) if failure else None,
-                        now, now if finished else None, job_id))
+                        now, now, job_id))
+
+    def mark_lost(self, job_id: str, heartbeat: float, failure: dict[str, Any]) -> bool:
+        with self._connect() as db:
+            changed = db.execute(
+                "UPDATE jobs SET status = ?, failure = ?, finished_at = ? "
+                "WHERE id = ? AND status = ? AND heartbeat = ?",
+                (LOST, json.dumps(failure), time.time(), job_id, RUNNING, heartbeat)).rowcount
+        return changed == 1
 
     def beat(self, job_ids: list[str]) -> None:
         if not job_ids:
@@ -137,6 +183,7 @@ class JobRunner:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._heart: threading.Thread | None = None
+        _RUNNERS.add(self)
 
     def submit(self, kernel_id: str, code: str, timeout: float | None) -> dict[str, Any] | None:
         """Starts a job and returns its record; None if this worker runs `max_running` jobs.
@@ -145,18 +192,19 @@ class JobRunner:
         a kernel the server does not have), so that a job that is accepted can run.
         """
         timeout = self.manager.check_request(kernel_id, code, timeout)
-        self.manager.client.get_kernel(kernel_id)  # KernelNotFound now, not later
+        self.manager.describe_kernel(kernel_id)  # KernelNotFound now, not later
         job_id = str(uuid.uuid4())
         with self._lock:
             if self.max_running and len(self._running) >= self.max_running:
                 return None
             self._running.add(job_id)
-            self._start_heart()
         try:
             self.store.create(job_id, kernel_id, _owner(), _empty_answer())
-            thread = threading.Thread(target=self._run, args=(job_id, kernel_id, code, timeout),
-                                      name=f"job-{job_id[:8]}")  # not a daemon: see above
-            thread.start()
+            context = contextvars.copy_context()  # log lines keep the submitting request's id
+            # A daemon: a stopping worker waits for its jobs in finish_jobs(), not at exit.
+            threading.Thread(target=context.run, daemon=True, name=f"job-{job_id[:8]}",
+                             args=(self._run, job_id, kernel_id, code, timeout)).start()
+            self._start_heart()
         except BaseException:
             with self._lock:
                 self._running.discard(job_id)
@@ -170,13 +218,13 @@ class JobRunner:
         if job is None:
             return None
         if job["status"] == RUNNING and _worker_gone(job["owner"], job["heartbeat"]):
-            job["status"] = LOST
-            job["failure"] = {"error": "job_lost",
-                              "message": "the proxy worker running this job stopped before it "
-                                         "finished; the kernel may have run some or all of "
-                                         "the code"}
-            self.store.save(job_id, LOST, job["answer"], job["failure"], finished=True)
-            job["finished_at"] = time.time()
+            failure = {"error": "job_lost",
+                       "message": "the proxy worker running this job stopped before it "
+                                  "finished; the kernel may still be running the code: "
+                                  "POST /interrupt_kernel or /restart_kernel to stop it",
+                       "details": {"kernel_id": job["kernel_id"]}}
+            self.store.mark_lost(job_id, job["heartbeat"], failure)
+            job = self.store.get(job_id) or job
         record = {
             "execution_id": job["id"],
             "kernel_id": job["kernel_id"],
@@ -188,28 +236,51 @@ class JobRunner:
         record.update((k, v) for k, v in job["answer"].items() if k != "status")
         return record
 
+    def running(self) -> int:
+        """How many jobs this worker runs now."""
+        with self._lock:
+            return len(self._running)
+
     def _run(self, job_id: str, kernel_id: str, code: str, timeout: float) -> None:
+        progress = _Progress(self, job_id)
         answer = _empty_answer()
         try:
-            with self.manager.begin_execution(kernel_id, code, timeout) as execution:
-                saved = time.monotonic()
+            with self.manager.begin_execution(kernel_id, code, timeout,
+                                              poll=progress.save_if_due) as execution:
+                progress.execution = execution
                 for update in execution.updates():
-                    if update["type"] != "result" and time.monotonic() - saved >= SAVE_SECONDS:
-                        answer = execution.partial_answer()
-                        self.store.save(job_id, RUNNING, answer)
-                        saved = time.monotonic()
+                    progress.changed |= update["type"] != "result"
+                    progress.save_if_due()
                 answer = execution.answer or answer
-            self.store.save(job_id, answer["status"], answer, finished=True)
+            self._finish(job_id, answer["status"], answer)
         except Exception as err:  # noqa: BLE001 - a job must end with a status, whatever fails
-            self.store.save(job_id, FAILED, answer, self.describe_failure(err), finished=True)
+            if progress.execution is not None:
+                answer = progress.execution.partial_answer()
+            self._finish(job_id, FAILED, answer, self.describe_failure(err))
         finally:
             with self._lock:
                 self._running.discard(job_id)
 
+    def _finish(self, job_id: str, status: str, answer: dict[str, Any],
+                failure: dict[str, Any] | None = None) -> None:
+        for attempt in range(3):
+            try:
+                self.store.finish(job_id, status, answer, failure)
+                self.logger.info("job finished", execution_id=job_id, status=status)
+                return
+            except sqlite3.Error as err:
+                self.logger.warning("could not record the end of a job", execution_id=job_id,
+                                    reason=str(err), attempt=attempt + 1)
+                time.sleep(1.0)
+        self.logger.error("the end of a job was not recorded; it will read as lost",
+                          execution_id=job_id, status=status)
+
     def _start_heart(self) -> None:
-        if self._heart is None or not self._heart.is_alive():
-            self._heart = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
-            self._heart.start()
+        with self._lock:
+            if self._heart is None or not self._heart.is_alive():
+                self._heart = threading.Thread(target=self._beat, name="job-heartbeat",
+                                               daemon=True)
+                self._heart.start()
 
     def _beat(self) -> None:
         while True:
@@ -222,23 +293,80 @@ class JobRunner:
                 self.logger.warning("could not record the job heartbeat", reason=str(err))
 
 
+class _Progress:
+    """Saves a running job's output when it changed, at most every `SAVE_SECONDS`; called
+    for each update and, through `poll`, while the kernel is silent (in the job's thread).
+    """
+
+    def __init__(self, runner: JobRunner, job_id: str) -> None:
+        self.runner = runner
+        self.job_id = job_id
+        self.execution: Execution | None = None
+        self.changed = False
+        self.saved = time.monotonic()
+
+    def save_if_due(self) -> bool:
+        if self.changed and self.execution is not None \
+                and time.monotonic() - self.saved >= SAVE_SECONDS:
+            answer = {**self.execution.partial_answer(), "results": []}  # raw ones at the end
+            try:
+                self.runner.store.save_progress(self.job_id, answer)
+                self.changed = False
+            except sqlite3.Error as err:
+                self.runner.logger.warning("could not save a job's progress",
+                                           execution_id=self.job_id, reason=str(err))
+            self.saved = time.monotonic()
+        return False  # never cancels
+
+
+def finish_jobs(notify: Callable[[], None], limit: float) -> None:
+    """Waits (at most `limit` seconds) until this process runs no job, calling `notify`
+    every second: a stopping gunicorn worker calls it so that its jobs end, not get lost.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and any(r.running() for r in list(_RUNNERS)):
+        notify()
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+
+
+def _check_private_file(path: Path) -> None:
+    """Creates `path` (0600) or checks that the existing file is this user's and private."""
+    if not path.parent.is_dir():
+        raise JobStoreError(f"JUPYTER_JOB_STORE: the directory {path.parent} does not exist")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except IsADirectoryError:
+        raise JobStoreError(f"JUPYTER_JOB_STORE: {path} is a directory; name a file") from None
+    except OSError as err:
+        raise JobStoreError(f"JUPYTER_JOB_STORE: cannot open {path} ({err.strerror}; "
+                            "symbolic links are refused)") from None
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode):
+            raise JobStoreError(f"JUPYTER_JOB_STORE: {path} is not a file of this user")
+        if info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # job outputs can hold secrets
+    finally:
+        os.close(fd)
+
+
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _worker_gone(owner: str, heartbeat: float) -> bool:
-    if time.time() - heartbeat > LOST_AFTER_SECONDS:
-        return True
+    """On this host the process tells; elsewhere, only the heartbeat."""
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another host's worker: only its heartbeat tells
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        # Alive (or a reused pid): a long silence still means gone.
+        return time.time() - heartbeat > 4 * LOST_AFTER_SECONDS
+    return time.time() - heartbeat > LOST_AFTER_SECONDS
 
 
 def _empty_answer() -> dict[str, Any]:

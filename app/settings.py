@@ -107,6 +107,11 @@ class Settings:
             )
         if not str(self.kernel_name).strip():
             raise SettingsError("JUPYTER_KERNEL_NAME must not be empty")
+        if self.job_store:
+            store = Path(self.job_store)
+            if store.is_dir() or not store.parent.is_dir():
+                raise SettingsError("JUPYTER_JOB_STORE must name a file in an existing directory "
+                                    f"(got {self.job_store!r})")
         if self.proxy_api_key is not None and not self.api_keys:
             raise SettingsError("JUPYTER_PROXY_API_KEY is set but holds no key")
 

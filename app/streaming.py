@@ -5,15 +5,22 @@ The lines are `Execution.updates()` as they come (`stdout`, `stderr`, `output`,
 `execute_code` answer. A failure after the 200 went out (the Jupyter server went away) ends the
 stream with a `failure` line in the error shape of the API instead.
 
+The status line and headers go out at once, before the first output (an empty first chunk),
+so that a client knows its code runs even while the kernel is silent.
+
 A client that goes away mid-stream must not leave its code running unseen: the proxy notices
-when a write fails, and while the kernel is silent it peeks at the client's socket every half
-second (gunicorn hands it over as `gunicorn.socket`); either way the execution is closed, which
-interrupts the kernel (see `Execution.close`).
+when a write fails, and while the kernel is silent (or the execution waits for the kernel) it
+peeks at the client's socket every half second (gunicorn hands it over as `gunicorn.socket`;
+a client that half-closes its side after the request counts as gone). A client that stays
+connected but stops reading is given `STALLED_WRITE_SECONDS` per write, then counts as gone
+too, so that it cannot hold the kernel past the deadline. Either way the execution is closed,
+which interrupts the kernel (see `Execution.close`).
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,13 +31,18 @@ from app.errors import failure_body
 from app.kernels.manager import Execution
 
 NDJSON = "application/x-ndjson"
+STALLED_WRITE_SECONDS = 10.0
 
 
-def ndjson_response(execution: Execution) -> Response:
+def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None) -> Response:
     """A 200 whose body streams the execution's updates, one JSON line each."""
+    sock = (environ or {}).get("gunicorn.socket")
+    if isinstance(sock, socket.socket):
+        sock.settimeout(STALLED_WRITE_SECONDS)  # gunicorn resets it for the next request
 
     def lines() -> Iterator[bytes]:
         try:
+            yield b""  # the headers, now
             for update in execution.updates():
                 yield _line(update)
         except Exception as err:  # noqa: BLE001 - the status is sent: say it in the stream
@@ -51,10 +63,14 @@ def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
         return None
 
     def gone() -> bool:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            if not poller.poll(0):
+                return False  # open, nothing sent: the usual case
+            return sock.recv(1, socket.MSG_PEEK) == b""  # readable, so this does not wait
         except (BlockingIOError, InterruptedError):
-            return False  # open, nothing sent: the usual case
+            return False
         except ValueError:
             return False  # a TLS socket takes no flags: rely on failed writes
         except OSError:

@@ -92,3 +92,18 @@ def test_control_endpoints_need_the_api_key_when_one_is_set(settings, kernel):
                                ("get", "/kernels", None), ("get", "/kernelspecs", None)):
         response = getattr(http, method)(path, json=body)
         assert response.status_code == 401, path
+
+
+def test_restart_while_code_runs_answers_that_code_honestly(http, kernel):
+    answers: list = []
+    runner = threading.Thread(target=lambda: answers.append(post(http, "/execute_code", {
+        "id": kernel, "code": "import time; time.sleep(30)", "timeout": 60})))
+    runner.start()
+    time.sleep(1.5)
+    assert post(http, "/restart_kernel", {"id": kernel})[0] == 200
+    runner.join(40)
+    [(status, answer)] = answers
+    assert status == 200
+    assert answer["status"] == "crashed"
+    assert answer["error"]["ename"] == "KernelRestarted"
+    assert "state is lost" in answer["error"]["evalue"]

@@ -243,11 +243,15 @@ def interrupted_answers() -> list:
 
 # -- running -----------------------------------------------------------------------------------
 
-def start(kernel: FakeKernel):
-    """The event generator of one execution of CODE on `kernel`, with the test constants."""
+def start(kernel: FakeKernel, cancelled=lambda: False):
+    """The event generator of one execution of CODE on `kernel`, with the test constants.
+
+    `cancelled` is asked as in production (where it is always given, so the loop also wakes
+    every CANCEL_POLL_SECONDS while the kernel is silent).
+    """
     return run_execution(kernel, CODE, DEADLINE, timeout=TIMEOUT, crash_wait=CRASH_WAIT,
                          connect_timeout=CONNECT_TIMEOUT, grace=GRACE, settle=SETTLE,
-                         clock=kernel.clock)
+                         cancelled=cancelled, clock=kernel.clock)
 
 
 def run(kernel: FakeKernel) -> list:
@@ -465,9 +469,7 @@ def test_cancelled_execution_is_interrupted_and_ends_cancelled(clock):
                         on_interrupt=interrupted_answers())
     seen: list = []
     events = []
-    for event in run_execution(kernel, CODE, DEADLINE, timeout=TIMEOUT, crash_wait=CRASH_WAIT,
-                               connect_timeout=CONNECT_TIMEOUT, grace=GRACE, settle=SETTLE,
-                               cancelled=lambda: bool(seen), clock=kernel.clock):
+    for event in start(kernel, cancelled=lambda: bool(seen)):
         events.append(event)
         if isinstance(event, Message) and event.message["msg_type"] == "stream":
             seen.append(clock.now)
@@ -479,6 +481,39 @@ def test_cancelled_execution_is_interrupted_and_ends_cancelled(clock):
     assert "interrupted and keeps its state" in end.error["evalue"]
     assert kinds(events) == ["status", "stream", "error", "execute_reply", "status"]
     assert kernel.released == [True]
+
+
+def test_cancelled_before_sending_never_sends_the_code(clock):
+    kernel = FakeKernel(clock, [])
+    events = list(start(kernel, cancelled=lambda: True))
+    assert isinstance(events[0], Sent)
+    end = end_of(events)
+    assert end.status == "cancelled" and "not sent" in end.error["evalue"]
+    assert kernel.channels[0].sent == []
+    assert kernel.released == [True]
+
+
+def test_cancelled_before_the_kernel_says_it_started_still_interrupts_once_it_does(clock):
+    """Cancelled right after sending: the kernel's busy comes a moment later; the code it
+    starts must not run on unseen.
+    """
+    kernel = FakeKernel(clock, [Silence(0.2), status("busy")],
+                        on_interrupt=interrupted_answers())
+    calls = []
+    events = list(start(kernel, cancelled=lambda: calls.append(1) or len(calls) > 1))
+    assert len(kernel.interrupts) == 1
+    assert end_of(events).status == "cancelled"
+    assert "interrupted" in end_of(events).error["evalue"]
+
+
+def test_the_cancel_poll_does_not_shorten_the_reconnect_window(clock):
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                        UpstreamUnavailable("restarting"), UpstreamUnavailable("restarting"),
+                        UpstreamUnavailable("restarting"),
+                        [stream("after"), reply(), status("idle")])
+    events = list(start(kernel))
+    assert texts(events) == ["after"]
+    assert end_of(events) == End()
 
 
 def test_reply_without_idle_in_the_grace_period_settles(clock):

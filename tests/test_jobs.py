@@ -178,7 +178,98 @@ def test_jobs_past_the_running_limit_are_429(settings, kernel, tmp_path):
     assert post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})[0] == 202
 
 
-def test_the_job_store_file_is_private(settings, tmp_path):
+def test_the_job_store_file_is_private_and_made_only_when_needed(settings, kernel, tmp_path):
     path = tmp_path / "jobs.sqlite3"
-    create_app(settings.replace(job_store=str(path)))
+    http = create_app(settings.replace(job_store=str(path))).test_client()
+    assert not path.exists(), "no job, no store file"
+    assert post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})[0] == 202
     assert path.stat().st_mode & 0o077 == 0
+    shared = tmp_path / "shared.sqlite3"
+    shared.touch(mode=0o644)
+    shared.chmod(0o644)
+    http = create_app(settings.replace(job_store=str(shared))).test_client()
+    assert post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})[0] == 202
+    assert shared.stat().st_mode & 0o077 == 0, "an existing store is made private"
+
+
+def test_a_job_store_planted_as_a_symlink_is_refused(settings, kernel, tmp_path):
+    target = tmp_path / "elsewhere.sqlite3"
+    target.touch()
+    link = tmp_path / "jobs.sqlite3"
+    link.symlink_to(target)
+    http = create_app(settings.replace(job_store=str(link))).test_client()
+    status, body = post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})
+    assert status == 503 and body["error"] == "jobs_unavailable"
+    assert "symbolic links" in body["message"]
+
+
+@pytest.mark.parametrize("where", ["missing-dir/jobs.sqlite3", "."])
+def test_a_job_store_path_that_cannot_be_a_file_is_a_settings_error(settings, tmp_path, where):
+    from app.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="JUPYTER_JOB_STORE"):
+        settings.replace(job_store=str(tmp_path / where))
+
+
+def test_output_printed_before_a_silent_stretch_is_visible_while_it_runs(proxy, kernel_id):
+    job = submit(proxy, kernel_id, "import time\nprint('loaded data', flush=True)\n"
+                                   "time.sleep(5)\n'done'")
+    running = wait_for(proxy, job, lambda s: s["stdout"] == "loaded data\n", timeout=4)
+    assert running["status"] == "running"
+    done = wait_for(proxy, job, lambda s: s["status"] != "running")
+    assert done["status"] == "ok" and done["stdout"] == "loaded data\n"
+
+
+def test_a_recycled_worker_finishes_its_jobs(jupyter_server, tmp_path):
+    """gunicorn recycles workers (max_requests); their jobs must end, not read lost."""
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text("max_requests = 4\nmax_requests_jitter = 0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env["JUPYTER_TOKEN"] = jupyter_server.token
+    env["JUPYTER_JOB_STORE"] = str(tmp_path / "jobs.sqlite3")
+    proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "1",
+                          "--gunicorn-config", str(config)], env)
+    try:
+        proxy.wait_until_serving()
+        kernel = requests.post(f"{proxy.url}/start_kernel", timeout=120).json()["id"]
+        job = submit(proxy, kernel, "import time\nprint('start', flush=True)\n"
+                                    "time.sleep(6)\nprint('end')")
+        worker = [line["pid"] for line in proxy.log_lines()
+                  if line.get("message") == "job submitted"][0]
+        for _ in range(6):  # past max_requests: the worker is recycled while the job runs
+            requests.get(f"{proxy.url}/health", timeout=30, headers={"Connection": "close"})
+        done = wait_for(proxy, job, lambda s: s["status"] != "running", timeout=60)
+        assert done["status"] == "ok", done
+        assert done["stdout"] == "start\nend\n"
+        served = {line["pid"] for line in proxy.log_lines() if line.get("message") == "request"}
+        assert served - {worker}, "a new worker took over while the old one finished its job"
+        requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
+    finally:
+        proxy.stop()
+
+
+def test_a_job_marked_lost_never_turns_running_again_but_its_real_end_wins(tmp_path):
+    from app.jobs import LOST, SqliteJobStore
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", retention=60)
+    store.create("j", "k", "elsewhere:1", {"stdout": ""})
+    heartbeat = store.get("j")["heartbeat"]
+    assert store.mark_lost("j", heartbeat, {"error": "job_lost", "message": "gone"})
+    store.save_progress("j", {"stdout": "late"})
+    assert store.get("j")["status"] == LOST
+    assert store.get("j")["answer"] == {"stdout": ""}
+    assert not store.mark_lost("j", heartbeat, {"error": "job_lost", "message": "again"})
+    store.finish("j", "ok", {"stdout": "all"})
+    assert store.get("j")["status"] == "ok" and store.get("j")["answer"] == {"stdout": "all"}
+
+
+def test_a_job_is_not_marked_lost_over_a_fresh_heartbeat(tmp_path):
+    from app.jobs import SqliteJobStore
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", retention=60)
+    store.create("j", "k", "elsewhere:1", {})
+    stale = store.get("j")["heartbeat"]
+    time.sleep(0.01)
+    store.beat(["j"])
+    assert not store.mark_lost("j", stale, {"error": "job_lost", "message": "gone"})
+    assert store.get("j")["status"] == "running"

@@ -33,7 +33,7 @@ raise ValueError("bad value")
 def test_a_notebook_like_cell_reads_as_a_notebook_shows_it(http, shared_kernel):
     status, answer = post(http, "/execute_code", {"id": shared_kernel, "code": CELL})
     assert status == 200
-    assert answer["stdout"] == "after clear\n"
+    assert answer["stdout"] == "noise\nafter clear\n"  # all stream text, as the contract says
     assert [o["type"] for o in answer["outputs"]] == ["display_data"] * 4
     png, jpeg, svg, progress = answer["outputs"]
     assert png["data"]["image/png"] == PNG  # as the kernel sent it: base64, untouched
@@ -44,8 +44,8 @@ def test_a_notebook_like_cell_reads_as_a_notebook_shows_it(http, shared_kernel):
     # Nothing is lost: the raw messages keep what was cleared and updated.
     kinds = [m["msg_type"] for m in answer["results"]]
     assert "clear_output" in kinds and "update_display_data" in kinds
-    assert any(m["content"].get("text") == "noise\n" for m in answer["results"]
-               if m["msg_type"] == "stream")
+    assert any(m["content"].get("data", {}).get("text/plain") == "'a display that is cleared'"
+               for m in answer["results"] if m["msg_type"] == "display_data")
     error = answer["error"]
     assert error["ename"] == "ValueError"
     assert any("\x1b[" in line for line in error["traceback"]), "raw keeps IPython's colours"

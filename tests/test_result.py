@@ -219,20 +219,27 @@ def clear(wait: bool = False) -> dict:
     return msg("clear_output", {"wait": wait})
 
 
-def test_clear_output_empties_what_a_notebook_shows_but_keeps_the_raw_messages():
+def test_clear_output_empties_the_outputs_but_stdout_keeps_every_stream_text():
     result = fold(stream("step 1\n"), display({"text/plain": "old"}), clear(),
-                  stream("step 2\n"), reply(), status("idle"))
+                  stream("step 2\n"), display({"text/plain": "new"}), reply(), status("idle"))
     answer = result.answer()
-    assert answer["stdout"] == "step 2\n"
-    assert answer["outputs"] == []
-    assert [m["msg_type"] for m in answer["results"]].count("stream") == 2
+    assert [o["data"]["text/plain"] for o in answer["outputs"]] == ["new"]
+    assert answer["stdout"] == "step 1\nstep 2\n"  # the contract: all stdout text
+    assert [m["msg_type"] for m in answer["results"]].count("display_data") == 2
 
 
 def test_clear_output_with_wait_clears_when_the_next_output_arrives():
-    result = fold(stream("10%"), clear(wait=True))
-    assert result.answer()["stdout"] == "10%"  # nothing new yet: still shown
-    result.add(stream("20%"), 3)
-    assert result.answer()["stdout"] == "20%"
+    result = fold(display({"text/plain": "10%"}), clear(wait=True))
+    assert len(result.answer()["outputs"]) == 1  # nothing new yet: still shown
+    result.add(display({"text/plain": "20%"}), 3)
+    assert [o["data"]["text/plain"] for o in result.answer()["outputs"]] == ["20%"]
+
+
+def test_clear_output_past_the_cap_still_clears():
+    """A progress display past the cap must not end showing a stale state."""
+    result = fold(display({"text/plain": "0%"}), stream("x" * 100), clear(), cap=60)
+    assert result.answer()["truncated"] is True
+    assert result.answer()["outputs"] == []
 
 
 def test_update_display_data_replaces_the_display_it_names():

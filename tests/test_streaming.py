@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -169,6 +170,61 @@ def test_client_that_drops_the_stream_gets_its_code_interrupted(proxy, kernel_id
             break
         time.sleep(0.2)
     assert cancelled, "the dropped execution is logged as cancelled"
+
+
+def raw_stream_request(proxy: ProxyProcess, body: dict, **socket_options) -> socket.socket:
+    """Sends a streamed execute_code on a bare socket and returns it, unread."""
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    for option, value in socket_options.items():
+        client.setsockopt(socket.SOL_SOCKET, getattr(socket, option), value)
+    client.settimeout(30)
+    client.connect(("127.0.0.1", proxy.port))
+    payload = json.dumps({**body, "stream": True}).encode()
+    client.sendall(b"POST /execute_code HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   b"Content-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    return client
+
+
+def test_headers_come_at_once_even_while_the_kernel_is_silent(proxy, kernel_id):
+    started = time.monotonic()
+    with requests.post(f"{proxy.url}/execute_code", stream=True, timeout=60, json={
+            "id": kernel_id, "code": "import time; time.sleep(3); print('late')",
+            "stream": True}) as response:
+        assert response.status_code == 200
+        assert time.monotonic() - started < 2, "the 200 must not wait for the first output"
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert lines[0] == {"type": "stdout", "text": "late\n"}
+
+
+def test_a_client_that_stops_reading_cannot_hold_the_kernel_past_the_deadline(proxy, kernel_id):
+    execute(proxy, kernel_id, "kept = 1")
+    code = "import sys\nwhile True: sys.stdout.write('x' * 65536 + '\\n')"
+    client = raw_stream_request(proxy, {"id": kernel_id, "code": code, "timeout": 3},
+                                SO_RCVBUF=4096)
+    try:
+        started = time.monotonic()
+        answer = requests.post(f"{proxy.url}/execute_code", timeout=60, json={
+            "id": kernel_id, "code": "kept", "timeout": 40}).json()
+        waited = time.monotonic() - started
+        assert answer["status"] == "ok", answer
+        assert waited < 30, f"the stalled stream held the kernel {waited:.0f} s"
+    finally:
+        client.close()
+
+
+def test_a_stream_abandoned_while_queued_never_runs_its_code(proxy, kernel_id):
+    execute(proxy, kernel_id, "ran = False")
+    first = threading.Thread(target=execute, args=(proxy, kernel_id,
+                                                   "import time; time.sleep(4)"))
+    first.start()
+    time.sleep(1)
+    client = raw_stream_request(proxy, {"id": kernel_id, "code": "ran = True"})
+    time.sleep(1)
+    client.close()  # gone while the kernel still runs the first code
+    first.join(30)
+    time.sleep(1)
+    assert execute(proxy, kernel_id, "ran")["outputs"][0]["data"]["text/plain"] == "False"
 
 
 class _FailingExecution:

@@ -123,6 +123,7 @@ class _Run:
         self.output_lost = False  # a reconnect the server could not replay in full
         self.reusable = False  # set once the execution ended with the channel in a known state
         self.death: str | None = None
+        self.restart_asked = False  # the death was a restart someone asked for
 
     @property
     def complete(self) -> bool:
@@ -134,6 +135,11 @@ class _Run:
         self.session_id = self.channel.session_id
         request = protocol.execute_request(code, self.session_id, silent)
         self.msg_id = request["header"]["msg_id"]
+        if self.cancelled is not None and self.cancelled():
+            self.reusable = True  # nothing was sent: the channel is as it was
+            yield Sent()
+            yield End("cancelled", _cancel_error("not_sent"))
+            return
         self.channel.send(request)
         yield Sent()
         while True:
@@ -145,7 +151,8 @@ class _Run:
             ran = self.started
             state = yield from self._await_restart(crash_until)
             if ran or state != "restarted" or not self.started:
-                yield End("crashed", _crash_error(state, crash_wait, ran), self.output_lost)
+                yield End("crashed", _crash_error(state, crash_wait, ran, self.restart_asked),
+                          self.output_lost)
                 return
             # The kernel died before this code started, and the restarted kernel runs it.
             self.death = None
@@ -159,7 +166,8 @@ class _Run:
                 yield End("timeout", self._timeout_error(timeout, outcome, grace),
                           self.output_lost)
                 return
-            yield End("crashed", _crash_error(self.death, crash_wait, True), self.output_lost)
+            yield End("crashed", _crash_error(self.death, crash_wait, True, self.restart_asked),
+                      self.output_lost)
         elif self.stdin_refused:
             yield End("error", {"ename": "StdinNotImplementedError",
                                 "evalue": "the code asked for input, but this proxy offers no "
@@ -176,6 +184,9 @@ class _Run:
         the other client's code instead. A kernel is restarted only if it is really busy: an
         idle one finished the code, and its answer was lost with a connection.
         """
+        if not self.started and self.was_cancelled:
+            # Sent, but the kernel has not said it started: if it does soon, stop it too.
+            yield from self._collect(self.clock() + min(grace, self.settle), until_started=True)
         if not self.started:
             return "not_started"
         if _attempt(self.kernel.interrupt):
@@ -185,7 +196,7 @@ class _Run:
         self._check_answer_not_lost()
         return "restarted" if _attempt(self.kernel.restart) else "failed"
 
-    def _collect(self, until: float) -> Iterator[Event]:
+    def _collect(self, until: float, until_started: bool = False) -> Iterator[Event]:
         """Yields this request's messages until it completes, the kernel dies or `until`.
 
         Once the reply (or the idle) is in, the code has finished: `settle` seconds without a
@@ -193,6 +204,8 @@ class _Run:
         After a reconnect, silence is checked against the kernel's own state every `settle`.
         """
         while not self.complete and not self.death:
+            if until_started and self.started:
+                return
             if self.cancelled is not None and self.cancelled():
                 self.cancelled = None  # asked once: what follows is the stop itself
                 self.was_cancelled = True
@@ -210,9 +223,10 @@ class _Run:
                 self._check_answer_not_lost()  # reconnected, and silent for `settle`
                 self.last_heard = self.clock()
                 continue
+            wait_until = limit
             if self.cancelled is not None:
-                limit = min(limit, self.clock() + CANCEL_POLL_SECONDS)
-            received = self._recv(limit)
+                wait_until = min(limit, self.clock() + CANCEL_POLL_SECONDS)
+            received = self._recv(wait_until, reconnect_until=limit)
             if received is None:
                 continue
             message, size = received
@@ -222,6 +236,8 @@ class _Run:
                 yield Message(message, size)
             else:
                 self.death = protocol.kernel_death_state(message)
+                self.restart_asked |= self.death == "restarting" \
+                    and message.get("msg_type") == "shutdown_reply"
 
     def _settle(self) -> None:
         """Silence after half of the answer: the other half is not coming."""
@@ -260,17 +276,20 @@ class _Run:
             self.stdin_refused = True
             _attempt(self.kernel.interrupt)
 
-    def _recv(self, until: float) -> tuple[dict[str, Any], int] | None:
+    def _recv(self, until: float, reconnect_until: float | None = None
+              ) -> tuple[dict[str, Any], int] | None:
         """The next message before `until`, or None (also right after a broken websocket was
-        reopened, so that the caller reconsiders how long to wait).
+        reopened, so that the caller reconsiders how long to wait). A broken websocket may be
+        reopened until `reconnect_until` (default `until`).
         """
+        reconnect_until = until if reconnect_until is None else reconnect_until
         try:
             return self.channel.recv(until - self.clock())
         except ConnectionLost:
-            if self.reconnects >= RECONNECT_ATTEMPTS or self.clock() >= until:
+            if self.reconnects >= RECONNECT_ATTEMPTS or self.clock() >= reconnect_until:
                 raise
             self.reconnects += 1
-            self._reconnect(until)
+            self._reconnect(reconnect_until)
             return None
 
     def _reconnect(self, until: float) -> None:
@@ -385,7 +404,9 @@ def _cancel_error(outcome: str) -> dict[str, Any]:
         "interrupted": "the kernel was interrupted and keeps its state",
         "restarted": "the kernel did not stop on an interrupt and was restarted: its state is "
                      "lost",
-        "not_started": "the code had not started",
+        "not_sent": "the code was not sent to the kernel",
+        "not_started": "the kernel had not started the code (it was busy with code sent by "
+                       "another client) and may still run it",
         "failed": "the kernel could not be interrupted or restarted and may still be running it",
     }[outcome]
     return {"ename": "ExecutionCancelled",
@@ -393,7 +414,14 @@ def _cancel_error(outcome: str) -> dict[str, Any]:
             "traceback": []}
 
 
-def _crash_error(state: str, crash_wait: float, ran: bool) -> dict[str, Any]:
+def _crash_error(state: str, crash_wait: float, ran: bool,
+                 restart_asked: bool = False) -> dict[str, Any]:
+    if restart_asked and state == "restarted":
+        return {"ename": "KernelRestarted",
+                "evalue": "the kernel was restarted on request (POST /restart_kernel, or another "
+                          "client of the Jupyter server) while running this code: its state is "
+                          "lost",
+                "traceback": []}
     if state == "shutdown":
         return {"ename": "KernelDied",
                 "evalue": "the kernel was shut down while running this code: it is gone",

@@ -19,13 +19,15 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from app.kernels.errors import KernelBusy
 
 log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5  # how often a cancellable wait asks whether it was cancelled
 
 
 class KernelLocks:
@@ -39,8 +41,10 @@ class KernelLocks:
         self._directory = private_directory(server_url)
 
     @contextmanager
-    def hold(self, kernel_id: str, deadline: float) -> Iterator[bool]:
-        """Holds the kernel's lock (yields True), or yields False if `deadline` passes first.
+    def hold(self, kernel_id: str, deadline: float,
+             cancelled: Callable[[], bool] | None = None) -> Iterator[bool]:
+        """Holds the kernel's lock (yields True), or yields False if `deadline` passes first
+        (or `cancelled`, asked every half second while waiting, says True).
 
         Raises `KernelBusy` at once if `max_waiting` callers already wait for this kernel.
         """
@@ -52,11 +56,11 @@ class KernelLocks:
                                  "try again when it is less busy", kernel_id=kernel_id)
             self._threads[kernel_id] = (lock, users + 1)
         try:
-            if not lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+            if not _acquire(lock, deadline, cancelled):
                 yield False
                 return
             try:
-                with self._file_lock(kernel_id, deadline) as acquired:
+                with self._file_lock(kernel_id, deadline, cancelled) as acquired:
                     yield acquired
             finally:
                 lock.release()
@@ -84,12 +88,13 @@ class KernelLocks:
             (self._directory / f"{kernel_id}.lock").unlink(missing_ok=True)
 
     @contextmanager
-    def _file_lock(self, kernel_id: str, deadline: float) -> Iterator[bool]:
+    def _file_lock(self, kernel_id: str, deadline: float,
+                   cancelled: Callable[[], bool] | None) -> Iterator[bool]:
         if self._directory is None:
             yield True
             return
         fd = os.open(self._directory / f"{kernel_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        if not _flock_until(fd, deadline):
+        if not _flock_until(fd, deadline, cancelled):
             yield False  # the waiter thread owns (and closes) the descriptor now
             return
         try:
@@ -99,7 +104,7 @@ class KernelLocks:
             os.close(fd)  # closing the descriptor releases the flock
 
 
-def _flock_until(fd: int, deadline: float) -> bool:
+def _flock_until(fd: int, deadline: float, cancelled: Callable[[], bool] | None = None) -> bool:
     """Takes the flock on `fd` before `deadline`; True if taken.
 
     flock has no timeout, so a blocking flock runs in a waiter thread while the caller waits
@@ -127,13 +132,39 @@ def _flock_until(fd: int, deadline: float) -> bool:
                 os.close(fd)
 
     threading.Thread(target=wait_for_lock, daemon=True, name="kernel-lock-waiter").start()
-    if taken.wait(max(deadline - time.monotonic(), 0)):
+    if _wait(taken, deadline, cancelled):
         return True
     with state_lock:
         if taken.is_set():
             return True  # got it just as the deadline passed
         abandoned[0] = True
     return False
+
+
+def _acquire(lock: threading.Lock, deadline: float,
+             cancelled: Callable[[], bool] | None) -> bool:
+    """`lock.acquire` until `deadline`; with `cancelled`, in slices, giving up when it says so."""
+    while True:
+        slice_ = deadline - time.monotonic()
+        if cancelled is not None:
+            slice_ = min(slice_, POLL_SECONDS)
+        if lock.acquire(timeout=max(slice_, 0)):
+            return True
+        if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
+            return False
+
+
+def _wait(event: threading.Event, deadline: float,
+          cancelled: Callable[[], bool] | None) -> bool:
+    """`event.wait` until `deadline`; with `cancelled`, in slices, giving up when it says so."""
+    while True:
+        slice_ = deadline - time.monotonic()
+        if cancelled is not None:
+            slice_ = min(slice_, POLL_SECONDS)
+        if event.wait(max(slice_, 0)):
+            return True
+        if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
+            return False
 
 
 def private_directory(server_url: str) -> Path | None:

@@ -188,12 +188,14 @@ class KernelManager:
         return execution.answer
 
     def begin_execution(self, kernel_id: str, code: str, timeout: float | None = None, *,
-                        cancelled: Callable[[], bool] | None = None) -> Execution:
+                        poll: Callable[[], bool] | None = None) -> Execution:
         """Starts running `code` and returns once the kernel has it (or the deadline passed
         while waiting for the kernel): errors of the request and of reaching the kernel are
         raised here. Read what follows from `Execution.updates()`; always close it.
 
-        `cancelled` is asked every half second while the code runs (see `run_execution`).
+        `poll` is called at least every half second while the execution waits for the kernel
+        or the code runs, in the thread that reads the updates; once it returns True the code
+        is stopped as at a deadline (or never sent), and the answer says `cancelled`.
         """
         timeout = self.check_request(kernel_id, code, timeout)
         started = time.monotonic()
@@ -202,21 +204,33 @@ class KernelManager:
         stop = threading.Event()
 
         def stopped() -> bool:
-            return stop.is_set() or (cancelled is not None and cancelled())
+            return stop.is_set() or (poll is not None and bool(poll()))
 
         try:
             events = None
-            if stack.enter_context(self._locks.hold(kernel_id, deadline)):
+            if stack.enter_context(self._locks.hold(kernel_id, deadline, stopped)):
                 events = run_execution(
                     _Kernel(self.client, self._channels, kernel_id), code, deadline,
                     timeout=timeout, crash_wait=self.settings.crash_sleep_duration,
                     connect_timeout=self.settings.timeout_connect, cancelled=stopped)
                 stack.callback(events.close)
                 next(events)  # `Sent`: connected, and the request is on its way
+                waited_out = None
+            elif time.monotonic() < deadline:
+                waited_out = End("cancelled", {
+                    "ename": "ExecutionCancelled",
+                    "evalue": "the execution was cancelled while it waited for the kernel; "
+                              "this code did not run", "traceback": []})
+            else:
+                waited_out = End("timeout", {
+                    "ename": "ExecutionTimeout",
+                    "evalue": f"the kernel stayed busy with earlier code for the whole "
+                              f"{timeout:g} s deadline; this code did not run",
+                    "traceback": []})
         except BaseException:
             stack.close()
             raise
-        return Execution(self, kernel_id, timeout, started, events, stack, stop)
+        return Execution(self, kernel_id, started, events or waited_out, stack, stop)
 
     def check_request(self, kernel_id: str, code: str, timeout: float | None) -> float:
         """Raises what is wrong with an execution request; returns its timeout in seconds."""
@@ -247,6 +261,11 @@ class KernelManager:
                          duration_ms=round((time.monotonic() - started) * 1000, 1))
         return {"id": kernel_id, "state_lost": True,
                 "message": f"Kernel {kernel_id} restarted; its variables and imports are gone"}
+
+    def describe_kernel(self, kernel_id: str) -> dict[str, Any]:
+        """The server's model of the kernel; raises `KernelNotFound` if it has none."""
+        check_kernel_id(kernel_id)
+        return self.client.get_kernel(kernel_id)
 
     def list_kernels(self) -> list[dict[str, Any]]:
         """The kernels the Jupyter server runs (all of them, not only this proxy's)."""
@@ -337,17 +356,18 @@ class Execution:
     unseen.
     """
 
-    def __init__(self, manager: KernelManager, kernel_id: str, timeout: float, started: float,
-                 events: Iterator[Event] | None, stack: contextlib.ExitStack,
+    def __init__(self, manager: KernelManager, kernel_id: str, started: float,
+                 events: Iterator[Event] | End, stack: contextlib.ExitStack,
                  stop: threading.Event) -> None:
+        """`events` are those of the running code, or the `End` of code that never ran."""
         self.kernel_id = kernel_id
         self.answer: dict[str, Any] | None = None
         self._manager = manager
-        self._timeout = timeout
         self._started = started
-        self._events = events
+        self._events = (events,) if isinstance(events, End) else events
         self._stack = stack
         self._stop = stop
+        self._closing = False
         self._result = ExecutionResult(manager.settings.max_output_bytes)
         self._updates = self._run()
 
@@ -360,17 +380,11 @@ class Execution:
     def _run(self) -> Iterator[dict[str, Any]]:
         try:
             end = End()
-            for event in self._events or ():
+            for event in self._events:
                 if isinstance(event, Message):
                     yield from self._result.add(event.message, event.size)
                 elif isinstance(event, End):
                     end = event
-            if self._events is None:
-                end = End("timeout", {
-                    "ename": "ExecutionTimeout",
-                    "evalue": f"the kernel stayed busy with earlier code for the whole "
-                              f"{self._timeout:g} s deadline; this code did not run",
-                    "traceback": []})
             self._result.truncated |= end.output_lost
             answer = self._result.answer(end.status, end.error)
         finally:
@@ -383,6 +397,12 @@ class Execution:
         metrics().execution_seconds.observe(elapsed)
         yield {"type": "result", **answer}
 
+    def cancel(self) -> None:
+        """Asks for the code to be stopped as at a deadline; safe from any thread. The reader
+        of the updates then sees them end with `status: "cancelled"`.
+        """
+        self._stop.set()
+
     def partial_answer(self) -> dict[str, Any]:
         """The answer so far (`status: "running"`) until the execution is over."""
         return self.answer or self._result.answer("running")
@@ -392,7 +412,8 @@ class Execution:
         safe to call twice. Call it from the thread that reads the updates.
         """
         try:
-            if self.answer is None and not self._stop.is_set():
+            if self.answer is None and not self._closing:
+                self._closing = True
                 self._stop.set()
                 for _ in self._updates:  # the stop, as a deadline would do it, then the end
                     pass

@@ -6,9 +6,10 @@ messages (`results`) and their summary (`stdout`, `stderr`, `outputs`, `error`, 
 cap) but still reads the messages that end the execution, and says `truncated: true`; it says
 so too when the Jupyter server's iopub rate limit dropped output.
 
-The summary is what a notebook would show: `clear_output` empties it (at once, or with `wait`
-when the next output comes), `update_display_data` replaces the display it names. Images and
-other rich data stay in `outputs` as the kernel sent them. `add()` also returns the updates a
+`outputs` is what a notebook would show: `clear_output` empties it (at once, or with `wait`
+when the next output comes), `update_display_data` replaces the display it names; `stdout` and
+`stderr` keep all the stream text, as the contract defines them. Images and other rich data
+stay in `outputs` as the kernel sent them. `add()` also returns the updates a
 streaming client sees for each message, so the stream and the full answer are one fold.
 """
 
@@ -18,7 +19,7 @@ import re
 from typing import Any
 
 # Messages that say how the execution ends: always kept, whatever the output cap.
-_CONTROL_TYPES = frozenset({"execute_reply", "status", "execute_input"})
+_CONTROL_TYPES = frozenset({"execute_reply", "status", "execute_input", "clear_output"})
 _OUTPUT_TYPES = frozenset({"execute_result", "display_data"})
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 # What jupyter_server writes to stderr when its iopub rate limit drops output.
@@ -76,7 +77,6 @@ class ExecutionResult:
     def _fold(self, msg_type: Any, content: dict[str, Any]) -> list[dict[str, Any]]:
         """Applies one kept message to the summary, as a notebook would show it."""
         if msg_type == "stream":
-            self._clear_if_pending()
             text = str(content.get("text", ""))
             name = "stderr" if content.get("name") == "stderr" else "stdout"
             if name == "stderr":
@@ -116,8 +116,6 @@ class ExecutionResult:
 
     def _clear(self) -> None:
         self._clear_pending = False
-        self.stdout.clear()
-        self.stderr.clear()
         self.outputs.clear()
 
     def answer(self, status: str | None = None,
