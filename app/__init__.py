@@ -44,7 +44,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         settings = config
     else:
         settings = Settings.from_environment(**dict(config or {}))
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # an API: no /static route
     app.config.update(SETTINGS=settings, VERSION=__version__,
                       MAX_CONTENT_LENGTH=settings.max_request_bytes,
                       PROVIDE_AUTOMATIC_OPTIONS=False)  # OPTIONS gets the JSON 405 too

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -11,6 +10,7 @@ from app import schemas
 from app.errors import ApiError
 from app.jobs import JobRunner
 from app.kernels import KernelManager
+from app.kernels.manager import is_canonical_uuid
 from app.metrics import render
 from app.streaming import NDJSON, client_gone, ndjson_response
 
@@ -77,19 +77,12 @@ def _prefers_ndjson() -> bool:
 @bp.get("/executions/<execution_id>")
 def get_execution(execution_id: str) -> dict[str, Any]:
     """An async job: its status and output so far, then its full answer."""
-    job = jobs().get(execution_id) if _is_uuid(execution_id) else None
+    job = jobs().get(execution_id) if is_canonical_uuid(execution_id) else None
     if job is None:
         raise ApiError(404, "execution_not_found",
                        "no such execution: the id is wrong, or it finished more than "
                        "JUPYTER_JOB_RETENTION seconds ago")
     return job
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
 
 
 @bp.post("/interrupt_kernel")

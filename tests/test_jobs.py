@@ -273,3 +273,53 @@ def test_a_job_is_not_marked_lost_over_a_fresh_heartbeat(tmp_path):
     store.beat(["j"])
     assert not store.mark_lost("j", stale, {"error": "job_lost", "message": "gone"})
     assert store.get("j")["status"] == "running"
+
+
+class _BreakingExecution:
+    """An execution whose upstream breaks after some output."""
+
+    answer = None
+
+    def updates(self):
+        yield {"type": "stdout", "text": "partial\n"}
+        from app.kernels.errors import ConnectionLost
+
+        raise ConnectionLost("the websocket to the kernel broke")
+
+    def partial_answer(self):
+        return {"status": "running", "results": [], "stdout": "partial\n", "stderr": "",
+                "outputs": [], "error": None, "execution_count": None, "truncated": False}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+class _BreakingManager:
+    def check_request(self, kernel_id, code, timeout):
+        return 10.0
+
+    def describe_kernel(self, kernel_id):
+        return {"id": kernel_id}
+
+    def begin_execution(self, kernel_id, code, timeout, poll=None):
+        return _BreakingExecution()
+
+
+def test_a_job_whose_upstream_fails_ends_failed_with_the_error_and_its_output(tmp_path):
+    from app.errors import failure_body
+    from app.jobs import JobRunner, SqliteJobStore
+
+    runner = JobRunner(_BreakingManager(), SqliteJobStore(tmp_path / "jobs.sqlite3", 60),
+                       max_running=4, describe_failure=failure_body)
+    job = runner.submit(UNKNOWN, "1", None)
+    deadline = time.monotonic() + 10
+    while (state := runner.get(job["execution_id"]))["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert state["status"] == "failed"
+    assert state["failure"]["error"] == "upstream_connection_lost"
+    assert state["stdout"] == "partial\n", "what came before the failure is kept"
+    assert state["finished_at"] is not None

@@ -47,13 +47,18 @@ from app.metrics import metrics
 START_LOCK = "kernel-starts"  # the lock name that serializes counted kernel starts
 
 
+def is_canonical_uuid(value: object) -> bool:
+    """True for a UUID in its canonical form (lower case, hyphenated): ids of kernels, jobs."""
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 def check_kernel_id(kernel_id: str) -> str:
     """`kernel_id` if it is a canonical UUID; anything else never reaches an upstream URL."""
-    try:
-        if isinstance(kernel_id, str) and str(uuid.UUID(kernel_id)) == kernel_id:
-            return kernel_id
-    except ValueError:
-        pass
+    if is_canonical_uuid(kernel_id):
+        return kernel_id
     raise InvalidRequest("id must be a kernel id: a canonical UUID such as "
                          "'0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10'", field="id")
 
