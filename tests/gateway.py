@@ -23,9 +23,9 @@ import requests
 from app.embedded import PRIVATE_VARIABLES, _die_with_parent, free_port
 from app.logs import redact
 
-# The token travels in a config file read at start-up (then removed), never on a command line:
-# KG reads `KG_AUTH_TOKEN` from its environment too, but kernels would inherit that (KG drops
-# only that one variable, and only from the environment it passes to kernels).
+# The token travels in a config file read at start-up (then removed), never on a command line
+# (visible to every user) nor in `KG_AUTH_TOKEN`: KG removes that from the environment it gives
+# kernels, but they run as the same user and could read the gateway's /proc/<pid>/environ.
 CONFIG_TEMPLATE = """\
 c = get_config()  # noqa: F821
 c.KernelGatewayApp.ip = "127.0.0.1"
