@@ -58,6 +58,7 @@ class Settings:
     job_store: str = ""
     job_retention: float = 3600.0
     max_running_jobs: int = 32
+    kernel_env: str = ""
 
     def __post_init__(self) -> None:
         url = str(self.server_url).strip().rstrip("/")
@@ -107,6 +108,7 @@ class Settings:
             )
         if not str(self.kernel_name).strip():
             raise SettingsError("JUPYTER_KERNEL_NAME must not be empty")
+        self.kernel_env_vars  # noqa: B018 - raises SettingsError for a malformed value
         if self.job_store:
             store = Path(self.job_store)
             if store.is_dir() or not store.parent.is_dir():
@@ -121,6 +123,20 @@ class Settings:
         if not self.proxy_api_key:
             return ()
         return tuple(key.strip() for key in self.proxy_api_key.split(",") if key.strip())
+
+    @property
+    def kernel_env_vars(self) -> dict[str, str]:
+        """`JUPYTER_KERNEL_ENV` (`KERNEL_A=1,KERNEL_B=2`) as a dict: variables sent with every
+        kernel start, which Kernel Gateway and Enterprise Gateway hand to the kernel.
+        """
+        variables: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.kernel_env.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or not name.startswith("KERNEL_") or not name.isidentifier():
+                raise SettingsError("JUPYTER_KERNEL_ENV must be KERNEL_NAME=value pairs "
+                                    f"separated by commas (got {item!r})")
+            variables[name] = value
+        return variables
 
     @property
     def extra_hosts(self) -> frozenset[str]:

@@ -18,7 +18,9 @@ import requests
 from app.embedded import free_port
 from tests.conftest import REPO, wait_for_health
 
-pytestmark = pytest.mark.integration
+# nginx and its site are under test here, not the upstream: one kind of upstream is enough.
+pytestmark = [pytest.mark.integration,
+              pytest.mark.parametrize("jupyter_server", ["jupyter_server"], indirect=True)]
 
 SITE = REPO / "deploy" / "nginx-site.conf"
 KEY = "nginx-test-key"

@@ -70,3 +70,19 @@ def test_leaving_an_execution_early_interrupts_the_code(manager, kernel):
     assert execution.answer["error"]["ename"] == "ExecutionCancelled"
     after = manager.execute_code(kernel, "kept", timeout=10)
     assert after["outputs"][0]["data"]["text/plain"] == "'yes'"
+
+
+def test_kernel_env_reaches_kernels_of_a_gateway(jupyter_server, settings):
+    """JUPYTER_KERNEL_ENV goes with every start; gateways hand it to the kernel,
+    jupyter_server ignores it.
+    """
+    with KernelManager(JupyterClient(settings.replace(
+            kernel_env="KERNEL_PROXY_TEST=from-the-proxy"))) as manager:
+        kernel = manager.start_kernel()["id"]
+        try:
+            answer = manager.execute_code(
+                kernel, "import os; print(os.environ.get('KERNEL_PROXY_TEST'))")
+        finally:
+            manager.shutdown_kernel(kernel)
+    expected = "from-the-proxy" if jupyter_server.kind == "kernel_gateway" else "None"
+    assert answer["stdout"] == f"{expected}\n"

@@ -227,3 +227,15 @@ def test_secrets_lists_token_and_every_api_key():
     settings = Settings(token=TOKEN, proxy_api_key=f"{API_KEY},second")
     assert set(settings.secrets) == {TOKEN, API_KEY, "second"}
     assert Settings().secrets == ()
+
+
+def test_kernel_env_is_parsed_into_kernel_variables():
+    settings = Settings(kernel_env="KERNEL_USERNAME=svc, KERNEL_LAUNCH_TIMEOUT=240")
+    assert settings.kernel_env_vars == {"KERNEL_USERNAME": "svc", "KERNEL_LAUNCH_TIMEOUT": "240"}
+    assert Settings().kernel_env_vars == {}
+
+
+@pytest.mark.parametrize("value", ["PATH=/tmp", "KERNEL_X", "KERNEL-X=1", "=1"])
+def test_kernel_env_refuses_what_is_not_a_kernel_variable(value):
+    with pytest.raises(SettingsError, match="JUPYTER_KERNEL_ENV"):
+        Settings(kernel_env=value)

@@ -158,7 +158,7 @@ class KernelManager:
         """
         limit = self.settings.max_kernels
         if not limit:
-            return self.client.start_kernel(name)
+            return self.client.start_kernel(name, self.settings.kernel_env_vars or None)
         with self._locks.hold(START_LOCK, deadline) as acquired:
             if not acquired:
                 raise UpstreamTimeout("other kernel starts kept this one waiting too long")
@@ -166,7 +166,7 @@ class KernelManager:
                 raise TooManyKernels(f"the Jupyter server already runs {limit} kernels, as "
                                      "many as JUPYTER_MAX_KERNELS allows; shut one down first",
                                      max_kernels=limit)
-            return self.client.start_kernel(name)
+            return self.client.start_kernel(name, self.settings.kernel_env_vars or None)
 
     def _is_alive(self, kernel_id: str) -> bool:
         """True if the kernel still answers: its warm channel is clean, or one can be opened."""
