@@ -122,7 +122,7 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
 # (`unknown = INCLUDE` becomes `additionalProperties: true`).
 
 EXECUTION_STATUSES = ("ok", "error", "aborted", "timeout", "crashed")
-JOB_STATUSES = ("running", *EXECUTION_STATUSES, "lost")
+JOB_STATUSES = ("running", *EXECUTION_STATUSES, "failed", "lost")
 
 
 def _doc(text: str = "", **more: Any) -> dict[str, Any]:
@@ -212,10 +212,13 @@ class ExecutionJob(ExecutionAnswer):
     execution_id = fields.String(required=True)
     kernel_id = fields.String(required=True, metadata=_doc(format="uuid"))
     status = fields.String(required=True, validate=validate.OneOf(JOB_STATUSES), metadata=_doc(
-        "`running` until it ends; `lost` if the proxy stopped before it ended"))
+        "`running` until it ends, then the execution's status; `failed` if the Jupyter server "
+        "failed; `lost` if the proxy worker running it stopped before it ended"))
     submitted_at = fields.String(required=True, metadata=_doc(format="date-time"))
     finished_at = fields.String(required=True, allow_none=True,
                                 metadata=_doc("`null` while running", format="date-time"))
+    failure = fields.Nested(ErrorAnswer, required=True, allow_none=True, metadata=_doc(
+        "why a `failed` or `lost` job ended, in the error shape; `null` otherwise"))
 
 
 class ExecutionAccepted(Answer):
