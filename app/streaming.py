@@ -19,6 +19,7 @@ which interrupts the kernel (see `Execution.close`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -27,6 +28,7 @@ from typing import Any
 
 from flask import Response, stream_with_context
 
+from app import logs
 from app.errors import failure_body
 from app.kernels.manager import Execution
 
@@ -40,7 +42,12 @@ def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None)
     if isinstance(sock, socket.socket):
         sock.settimeout(STALLED_WRITE_SECONDS)  # gunicorn resets it for the next request
 
+    streaming_request_id = logs.request_id.get()
+
     def lines() -> Iterator[bytes]:
+        # gunicorn reads this generator after the view returned and the request's log context
+        # was reset: the execution's log lines still belong to this request.
+        token = logs.request_id.set(streaming_request_id)
         try:
             yield b""  # the headers, now
             for update in execution.updates():
@@ -49,6 +56,8 @@ def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None)
             yield _line({"type": "failure", **failure_body(err)})
         finally:
             execution.close()  # the client went away early: stop the code
+            with contextlib.suppress(ValueError):  # closed from another context (GC)
+                logs.request_id.reset(token)
 
     return Response(stream_with_context(lines()), mimetype=NDJSON,
                     headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"})

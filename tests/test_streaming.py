@@ -95,6 +95,20 @@ def test_streamed_result_is_the_same_answer_as_without_a_stream(proxy, kernel_id
     assert "\x1b[" not in streamed["error"]["traceback_text"]
 
 
+def test_a_streamed_executions_log_lines_carry_its_request_id(proxy, kernel_id):
+    lines = list(stream(proxy, {"id": kernel_id, "code": "print(1)"},
+                        headers={"X-Request-ID": "stream-request-7"}))
+    assert lines[-1][1]["status"] == "ok"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tagged = [line for line in proxy.log_lines() if line.get("message") == "code executed"
+                  and line.get("request_id") == "stream-request-7"]
+        if tagged:
+            break
+        time.sleep(0.1)
+    assert tagged, "the execution's log line names the request it answers"
+
+
 def test_accept_ndjson_asks_for_a_stream(proxy, kernel_id):
     response = requests.post(f"{proxy.url}/execute_code",
                              json={"id": kernel_id, "code": "print('hi')"},
