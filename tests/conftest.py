@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import io
 import json
 import logging
@@ -191,6 +193,31 @@ def start_proxy() -> Iterator:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@contextlib.contextmanager
+def proxy_for(upstream, *args: str, env: dict[str, str] | None = None) -> Iterator[ProxyProcess]:
+    """The real command in front of `upstream` (a `jupyter_server` fixture value), with more
+    flags and environment, serving until the block ends (for module-scoped fixtures).
+    """
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    full_env.update(env or {}, JUPYTER_TOKEN=upstream.token)
+    proxy = ProxyProcess(["--server-url", upstream.url, *args], full_env)
+    try:
+        proxy.wait_until_serving()
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy_kernel(proxy: ProxyProcess) -> Iterator[str]:
+    """A kernel started through the module's `proxy` fixture, shut down after the test."""
+    started = requests.post(f"{proxy.url}/start_kernel", timeout=120)
+    assert started.status_code == 200, started.text
+    kernel_id = started.json()["id"]
+    yield kernel_id
+    requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel_id}, timeout=60)
 
 
 # -- fake upstreams -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from app import create_app
-from tests.conftest import ProxyProcess, post
+from tests.conftest import ProxyProcess, proxy_for, post
 
 pytestmark = pytest.mark.integration
 
@@ -21,24 +21,14 @@ UNKNOWN = "0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10"
 @pytest.fixture(scope="module")
 def proxy(jupyter_server, tmp_path_factory) -> Iterator[ProxyProcess]:
     """The real command with two workers sharing one job store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
-    env["JUPYTER_TOKEN"] = jupyter_server.token
-    env["JUPYTER_JOB_STORE"] = str(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
-    process = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2"], env)
-    try:
-        process.wait_until_serving()
+    store = str(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3")
+    with proxy_for(jupyter_server, "--workers", "2", env={"JUPYTER_JOB_STORE": store}) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
-def kernel_id(proxy) -> Iterator[str]:
-    started = requests.post(f"{proxy.url}/start_kernel", timeout=120)
-    assert started.status_code == 200, started.text
-    kernel = started.json()["id"]
-    yield kernel
-    requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
+def kernel_id(proxy_kernel: str) -> str:
+    return proxy_kernel
 
 
 def submit(proxy: ProxyProcess, kernel: str, code: str, **fields) -> dict:
@@ -224,13 +214,9 @@ def test_a_recycled_worker_finishes_its_jobs(jupyter_server, tmp_path):
     """gunicorn recycles workers (max_requests); their jobs must end, not read lost."""
     config = tmp_path / "gunicorn.conf.py"
     config.write_text("max_requests = 4\nmax_requests_jitter = 0\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
-    env["JUPYTER_TOKEN"] = jupyter_server.token
-    env["JUPYTER_JOB_STORE"] = str(tmp_path / "jobs.sqlite3")
-    proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "1",
-                          "--gunicorn-config", str(config)], env)
-    try:
-        proxy.wait_until_serving()
+    store = str(tmp_path / "jobs.sqlite3")
+    with proxy_for(jupyter_server, "--workers", "1", "--gunicorn-config", str(config),
+                   env={"JUPYTER_JOB_STORE": store}) as proxy:
         kernel = requests.post(f"{proxy.url}/start_kernel", timeout=120).json()["id"]
         job = submit(proxy, kernel, "import time\nprint('start', flush=True)\n"
                                     "time.sleep(6)\nprint('end')")
@@ -244,8 +230,6 @@ def test_a_recycled_worker_finishes_its_jobs(jupyter_server, tmp_path):
         served = {line["pid"] for line in proxy.log_lines() if line.get("message") == "request"}
         assert served - {worker}, "a new worker took over while the old one finished its job"
         requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
-    finally:
-        proxy.stop()
 
 
 def test_a_job_marked_lost_never_turns_running_again_but_its_real_end_wins(tmp_path):

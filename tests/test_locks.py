@@ -62,3 +62,16 @@ def test_threads_of_one_process_take_turns():
     try_hold()
     assert seen == [False, True]
 
+
+
+def test_a_cancelled_wait_gives_up_before_its_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    locks = KernelLocks("http://127.0.0.1:1")
+    asked_at = time.monotonic() + 0.3
+    with locks.hold("k", time.monotonic() + 10) as held:
+        assert held
+        started = time.monotonic()
+        with locks.hold("k", time.monotonic() + 30,
+                        cancelled=lambda: time.monotonic() > asked_at) as waited:
+            assert waited is False
+        assert time.monotonic() - started < 2, "gave up within a poll of being cancelled"

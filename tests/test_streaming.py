@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -14,7 +13,7 @@ import requests
 
 from app.kernels.errors import ConnectionLost
 from app.streaming import ndjson_response
-from tests.conftest import ProxyProcess
+from tests.conftest import ProxyProcess, proxy_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,23 +24,13 @@ CONTRACT_FIELDS = {"results", "status", "execution_count", "stdout", "stderr", "
 @pytest.fixture(scope="module")
 def proxy(jupyter_server) -> Iterator[ProxyProcess]:
     """The real command, two workers, against the session's Jupyter server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
-    env["JUPYTER_TOKEN"] = jupyter_server.token
-    process = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2"], env)
-    try:
-        process.wait_until_serving()
+    with proxy_for(jupyter_server, "--workers", "2") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
-def kernel_id(proxy) -> Iterator[str]:
-    started = requests.post(f"{proxy.url}/start_kernel", timeout=120)
-    assert started.status_code == 200, started.text
-    kernel = started.json()["id"]
-    yield kernel
-    requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
+def kernel_id(proxy_kernel: str) -> str:
+    return proxy_kernel
 
 
 def stream(proxy: ProxyProcess, body: dict, **kwargs) -> Iterator[tuple[float, dict]]:

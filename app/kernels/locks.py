@@ -143,25 +143,26 @@ def _flock_until(fd: int, deadline: float, cancelled: Callable[[], bool] | None 
 
 def _acquire(lock: threading.Lock, deadline: float,
              cancelled: Callable[[], bool] | None) -> bool:
-    """`lock.acquire` until `deadline`; with `cancelled`, in slices, giving up when it says so."""
-    while True:
-        slice_ = deadline - time.monotonic()
-        if cancelled is not None:
-            slice_ = min(slice_, POLL_SECONDS)
-        if lock.acquire(timeout=max(slice_, 0)):
-            return True
-        if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
-            return False
+    """`lock.acquire` until `deadline`, giving up if `cancelled` says so."""
+    return _wait_until(lambda seconds: lock.acquire(timeout=seconds), deadline, cancelled)
 
 
 def _wait(event: threading.Event, deadline: float,
           cancelled: Callable[[], bool] | None) -> bool:
-    """`event.wait` until `deadline`; with `cancelled`, in slices, giving up when it says so."""
+    """`event.wait` until `deadline`, giving up if `cancelled` says so."""
+    return _wait_until(event.wait, deadline, cancelled)
+
+
+def _wait_until(attempt: Callable[[float], bool], deadline: float,
+                cancelled: Callable[[], bool] | None) -> bool:
+    """Calls `attempt(seconds)` until it succeeds or `deadline` passes; with `cancelled`, in
+    slices of `POLL_SECONDS`, giving up as soon as it says True.
+    """
     while True:
-        slice_ = deadline - time.monotonic()
+        seconds = deadline - time.monotonic()
         if cancelled is not None:
-            slice_ = min(slice_, POLL_SECONDS)
-        if event.wait(max(slice_, 0)):
+            seconds = min(seconds, POLL_SECONDS)
+        if attempt(max(seconds, 0)):
             return True
         if time.monotonic() >= deadline or (cancelled is not None and cancelled()):
             return False
