@@ -13,7 +13,7 @@ from flask import Flask, current_app, request
 from app.errors import ApiError
 from app.settings import is_loopback
 
-PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})  # the spec holds nothing secret
+PUBLIC_PATHS = frozenset({"/health"})  # CONTRACT.md: every other endpoint needs the key
 
 
 def register_guards(app: Flask) -> None:

@@ -57,8 +57,8 @@ class JobStoreError(Exception):
 class JobStore(Protocol):
     """Where jobs live. Times are epoch seconds; `answer` is the execute_code answer so far."""
 
-    def create(self, job_id: str, kernel_id: str, owner: str, answer: dict[str, Any]) -> None:
-        """Records a new running job."""
+    def create(self, job_id: str, kernel_id: str, owner: str, answer: dict[str, Any]) -> float:
+        """Records a new running job; returns when it was submitted."""
 
     def save_progress(self, job_id: str, answer: dict[str, Any]) -> None:
         """Updates a running job's output (not one that ended or was marked lost)."""
@@ -116,7 +116,7 @@ class SqliteJobStore:
                 db.close()
             self._ready = True
 
-    def create(self, job_id: str, kernel_id: str, owner: str, answer: dict[str, Any]) -> None:
+    def create(self, job_id: str, kernel_id: str, owner: str, answer: dict[str, Any]) -> float:
         now = time.time()
         with self._connect() as db:
             # Forget what ended long ago, and what no worker has owned for as long.
@@ -125,6 +125,7 @@ class SqliteJobStore:
             db.execute("INSERT INTO jobs (id, kernel_id, owner, status, submitted_at, heartbeat,"
                        " answer) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (job_id, kernel_id, owner, RUNNING, now, now, json.dumps(answer)))
+        return now
 
     def save_progress(self, job_id: str, answer: dict[str, Any]) -> None:
         with self._connect() as db:
@@ -199,7 +200,7 @@ class JobRunner:
                 return None
             self._running.add(job_id)
         try:
-            self.store.create(job_id, kernel_id, _owner(), _empty_answer())
+            submitted = self.store.create(job_id, kernel_id, _owner(), _empty_answer())
             context = contextvars.copy_context()  # log lines keep the submitting request's id
             # A daemon: a stopping worker waits for its jobs in finish_jobs(), not at exit.
             threading.Thread(target=context.run, daemon=True, name=f"job-{job_id[:8]}",
@@ -210,7 +211,10 @@ class JobRunner:
                 self._running.discard(job_id)
             raise
         self.logger.info("job submitted", kernel_id=kernel_id, execution_id=job_id)
-        return self.get(job_id)
+        # As created: a job that already ended is for the GET to tell.
+        return self._record({"id": job_id, "kernel_id": kernel_id, "status": RUNNING,
+                             "submitted_at": submitted, "finished_at": None, "failure": None,
+                             "answer": _empty_answer()})
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job as the API shows it, or None if unknown or expired."""
@@ -225,6 +229,11 @@ class JobRunner:
                        "details": {"kernel_id": job["kernel_id"]}}
             self.store.mark_lost(job_id, job["heartbeat"], failure)
             job = self.store.get(job_id) or job
+        return self._record(job)
+
+    @staticmethod
+    def _record(job: dict[str, Any]) -> dict[str, Any]:
+        """A stored job as the API shows it."""
         record = {
             "execution_id": job["id"],
             "kernel_id": job["kernel_id"],
@@ -289,7 +298,7 @@ class JobRunner:
                 running = list(self._running)
             try:
                 self.store.beat(running)
-            except sqlite3.Error as err:
+            except Exception as err:  # noqa: BLE001 - the heartbeat must outlive a bad write
                 self.logger.warning("could not record the job heartbeat", reason=str(err))
 
 
@@ -319,12 +328,17 @@ class _Progress:
         return False  # never cancels
 
 
+def jobs_running() -> bool:
+    """True while this process runs a job."""
+    return any(runner.running() for runner in list(_RUNNERS))
+
+
 def finish_jobs(notify: Callable[[], None], limit: float) -> None:
     """Waits (at most `limit` seconds) until this process runs no job, calling `notify`
     every second: a stopping gunicorn worker calls it so that its jobs end, not get lost.
     """
     deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and any(r.running() for r in list(_RUNNERS)):
+    while time.monotonic() < deadline and jobs_running():
         notify()
         time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
 

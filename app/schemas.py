@@ -121,7 +121,8 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
 # later versions, never removed (CONTRACT.md), so every answer object admits more properties
 # (`unknown = INCLUDE` becomes `additionalProperties: true`).
 
-EXECUTION_STATUSES = ("ok", "error", "aborted", "timeout", "crashed")
+# `cancelled` only ends a stream whose client went away (or half-closed its connection).
+EXECUTION_STATUSES = ("ok", "error", "aborted", "timeout", "crashed", "cancelled")
 JOB_STATUSES = ("running", *EXECUTION_STATUSES, "failed", "lost")
 
 

@@ -134,7 +134,8 @@ class Settings:
             name, sep, value = item.partition("=")
             if not sep or not name.startswith("KERNEL_") or not name.isidentifier():
                 raise SettingsError("JUPYTER_KERNEL_ENV must be KERNEL_NAME=value pairs "
-                                    f"separated by commas (got {item!r})")
+                                    "separated by commas (values without commas); "
+                                    f"{name.strip()[:40]!r} is not one")
             variables[name] = value
         return variables
 

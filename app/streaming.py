@@ -12,7 +12,7 @@ A client that goes away mid-stream must not leave its code running unseen: the p
 when a write fails, and while the kernel is silent (or the execution waits for the kernel) it
 peeks at the client's socket every half second (gunicorn hands it over as `gunicorn.socket`;
 a client that half-closes its side after the request counts as gone). A client that stays
-connected but stops reading is given `STALLED_WRITE_SECONDS` per write, then counts as gone
+connected but stops reading is given `STALLED_WRITE_SECONDS` per 64 KiB write, then counts as gone
 too, so that it cannot hold the kernel past the deadline. Either way the execution is closed,
 which interrupts the kernel (see `Execution.close`).
 """
@@ -34,6 +34,7 @@ from app.kernels.manager import Execution
 
 NDJSON = "application/x-ndjson"
 STALLED_WRITE_SECONDS = 10.0
+WRITE_BYTES = 64 * 1024
 
 
 def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None) -> Response:
@@ -51,7 +52,7 @@ def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None)
         try:
             yield b""  # the headers, now
             for update in execution.updates():
-                yield _line(update)
+                yield from _pieces(_line(update))
         except Exception as err:  # noqa: BLE001 - the status is sent: say it in the stream
             yield _line({"type": "failure", **failure_body(err)})
         finally:
@@ -59,8 +60,10 @@ def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None)
             with contextlib.suppress(ValueError):  # closed from another context (GC)
                 logs.request_id.reset(token)
 
-    return Response(stream_with_context(lines()), mimetype=NDJSON,
-                    headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"})
+    response = Response(stream_with_context(lines()), mimetype=NDJSON,
+                        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"})
+    response.call_on_close(execution.close)  # also if the body is never read
+    return response
 
 
 def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
@@ -86,6 +89,14 @@ def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
             return True  # reset by the peer
 
     return gone
+
+
+def _pieces(line: bytes) -> Iterator[bytes]:
+    """A line in writes of at most `WRITE_BYTES`, so that the stall timeout measures a client
+    that stopped reading, not one that reads a large line slowly.
+    """
+    for start in range(0, len(line), WRITE_BYTES):
+        yield line[start:start + WRITE_BYTES]
 
 
 def _line(update: dict[str, Any]) -> bytes:

@@ -210,8 +210,11 @@ def test_output_printed_before_a_silent_stretch_is_visible_while_it_runs(proxy, 
     assert done["status"] == "ok" and done["stdout"] == "loaded data\n"
 
 
-def test_a_recycled_worker_finishes_its_jobs(jupyter_server, tmp_path):
-    """gunicorn recycles workers (max_requests); their jobs must end, not read lost."""
+def test_a_worker_due_for_recycling_finishes_its_jobs_and_keeps_serving(jupyter_server,
+                                                                        tmp_path):
+    """gunicorn recycles workers (max_requests): a job must end, not read lost, and the proxy
+    must keep answering meanwhile (a replacement starts only once the old worker exits).
+    """
     config = tmp_path / "gunicorn.conf.py"
     config.write_text("max_requests = 4\nmax_requests_jitter = 0\n")
     store = str(tmp_path / "jobs.sqlite3")
@@ -222,13 +225,27 @@ def test_a_recycled_worker_finishes_its_jobs(jupyter_server, tmp_path):
                                     "time.sleep(6)\nprint('end')")
         worker = [line["pid"] for line in proxy.log_lines()
                   if line.get("message") == "job submitted"][0]
-        for _ in range(6):  # past max_requests: the worker is recycled while the job runs
-            requests.get(f"{proxy.url}/health", timeout=30, headers={"Connection": "close"})
+        for _ in range(6):  # past max_requests while the job runs
+            started = time.monotonic()
+            health = requests.get(f"{proxy.url}/health", timeout=30,
+                                  headers={"Connection": "close"})
+            assert health.ok and time.monotonic() - started < 2, \
+                "the proxy keeps answering while a worker with a job is due for recycling"
+        assert poll(proxy, job)["status"] == "running"
         done = wait_for(proxy, job, lambda s: s["status"] != "running", timeout=60)
         assert done["status"] == "ok", done
         assert done["stdout"] == "start\nend\n"
-        served = {line["pid"] for line in proxy.log_lines() if line.get("message") == "request"}
-        assert served - {worker}, "a new worker took over while the old one finished its job"
+        for _ in range(3):  # the job is over: now the worker is recycled
+            requests.get(f"{proxy.url}/health", timeout=30, headers={"Connection": "close"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            served = {line["pid"] for line in proxy.log_lines()
+                      if line.get("message") == "request"}
+            if served - {worker}:
+                break
+            requests.get(f"{proxy.url}/health", timeout=30, headers={"Connection": "close"})
+            time.sleep(0.2)
+        assert served - {worker}, "the worker was recycled once its job was done"
         requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
 
 

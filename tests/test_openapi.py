@@ -37,7 +37,8 @@ OFFLINE = Settings(server_url="http://127.0.0.1:9")
 @pytest.mark.parametrize("key", [None, API_KEY])
 def test_the_document_is_valid_openapi(key):
     http = create_app(OFFLINE.replace(proxy_api_key=key)).test_client()
-    response = http.get("/openapi.json")  # no key needed: the document holds no secret
+    response = http.get("/openapi.json",  # behind the key when there is one, like the rest
+                        headers={"Authorization": f"Bearer {key}"} if key else {})
     assert response.status_code == 200
     assert response.mimetype == "application/json"
     document = response.get_json()
@@ -63,7 +64,8 @@ def test_every_route_is_documented_and_nothing_else():
 def test_the_document_describes_the_apps_settings():
     keyed = create_app(OFFLINE.replace(proxy_api_key=API_KEY, max_execution_timeout=42,
                                         execution_timeout=10)).test_client()
-    document = keyed.get("/openapi.json").get_json()
+    document = keyed.get("/openapi.json",
+                         headers={"Authorization": f"Bearer {API_KEY}"}).get_json()
     assert document["components"]["schemas"]["ExecuteCode"]["properties"]["timeout"] == {
         "type": "number", "exclusiveMinimum": 0, "maximum": 42,
         "description": document["components"]["schemas"]["ExecuteCode"]["properties"]
@@ -71,7 +73,8 @@ def test_the_document_describes_the_apps_settings():
     operations = {(path, method): op for path, item in document["paths"].items()
                   for method, op in item.items()}
     assert operations["/health", "get"]["security"] == []
-    assert operations["/openapi.json", "get"]["security"] == []
+    assert "security" not in operations["/openapi.json", "get"]  # the key, like the rest
+    assert keyed.get("/openapi.json").status_code == 401
     assert "401" in operations["/execute_code", "post"]["responses"]
     assert "401" not in operations["/health", "get"]["responses"]
     assert keyed.get("/kernels").status_code == 401  # the rest still needs the key
@@ -162,8 +165,8 @@ def test_real_answers_keep_to_the_document(live_proxies):
     """Every endpoint's answers to real work (which a fuzzer with made-up kernel ids seldom
     gets) are what the document says, streamed and async executions included."""
     proxy = live_proxies["keyed"]
-    schema = schemathesis.openapi.from_url(f"{proxy.url}/openapi.json")
     auth = {"Authorization": f"Bearer {API_KEY}"}
+    schema = schemathesis.openapi.from_url(f"{proxy.url}/openapi.json", headers=auth)
 
     def call(method: str, path: str, body: dict | None = None, *, status: int = 200,
              path_parameters: dict | None = None, headers: dict | None = None):

@@ -243,6 +243,24 @@ class _FailingExecution:
         self.closed = True
 
 
+class _BigExecution:
+    closed = False
+
+    def updates(self) -> Iterator[dict]:
+        yield {"type": "result", "stdout": "x" * 300_000}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_large_lines_are_written_in_pieces_so_a_slow_reader_is_not_a_stalled_one(app):
+    """The stall timeout applies to each write: a big line goes out in 64 KiB writes."""
+    with app.test_request_context():
+        chunks = list(ndjson_response(_BigExecution()).response)
+    assert max(len(chunk) for chunk in chunks) <= 64 * 1024
+    assert json.loads(b"".join(chunks))["stdout"] == "x" * 300_000
+
+
 def test_a_failure_after_the_200_ends_the_stream_with_a_failure_line(app):
     execution = _FailingExecution()
     with app.test_request_context():

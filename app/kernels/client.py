@@ -256,6 +256,6 @@ def _start_refused(response: requests.Response, what: str) -> KernelError:
             "EG_MAX_KERNELS_PER_USER); shut one down first", upstream_status=403)
     return UpstreamError(
         "the Jupyter server refused to start a kernel (HTTP 403) although it accepts the "
-        "proxy's token; Enterprise Gateway does so when KERNEL_USERNAME (its own user: the proxy "
-        "sends none) is not allowed to start kernels (EG_AUTHORIZED_USERS, "
+        "proxy's token; Enterprise Gateway does so when KERNEL_USERNAME (JUPYTER_KERNEL_ENV, or "
+        "the gateway's own user) is not allowed to start kernels (EG_AUTHORIZED_USERS, "
         "EG_UNAUTHORIZED_USERS, which holds root by default)", request=what, upstream_status=403)
