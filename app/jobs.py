@@ -8,8 +8,9 @@ hosts only has to implement `JobStore`.
 
 What keeps a job honest:
 - its output so far (`stdout`, `stderr`, `outputs`, `error`; the raw `results` only at the
-  end) is saved within `SAVE_SECONDS` of arriving, also while the kernel is silent, and in full
-  when it ends. Progress saves are best effort: a busy store delays them, never the job;
+  end) is saved within `SAVE_SECONDS` of arriving (more for a big answer), also while the
+  kernel is silent, and in full when it ends. Progress saves are best effort: a busy store
+  delays them, never the job;
 - the worker running it writes a heartbeat every `HEARTBEAT_SECONDS`. A running job whose
   worker is gone (on this host: its process is gone; anywhere: no heartbeat for
   `LOST_AFTER_SECONDS`) is reported `lost`, never `running` forever. Writes are conditional,
@@ -41,6 +42,7 @@ from app.kernels.manager import Execution, KernelManager
 from app.logs import StructuredLogger
 
 SAVE_SECONDS = 0.5
+SAVE_BYTES_PER_SECOND = 20 * 1024 * 1024  # a 10 MiB answer is saved every second or so
 HEARTBEAT_SECONDS = 2.0
 LOST_AFTER_SECONDS = 30.0  # no heartbeat for this long: the worker is gone (any host)
 RUNNING = "running"
@@ -316,7 +318,7 @@ class _Progress:
 
     def save_if_due(self) -> bool:
         if self.changed and self.execution is not None \
-                and time.monotonic() - self.saved >= SAVE_SECONDS:
+                and time.monotonic() - self.saved >= self._interval():
             answer = {**self.execution.partial_answer(), "results": []}  # raw ones at the end
             try:
                 self.runner.store.save_progress(self.job_id, answer)
@@ -326,6 +328,10 @@ class _Progress:
                                            execution_id=self.job_id, reason=str(err))
             self.saved = time.monotonic()
         return False  # never cancels
+
+    def _interval(self) -> float:
+        """`SAVE_SECONDS`, longer for a big answer: each save writes all of it again."""
+        return SAVE_SECONDS + self.execution.output_bytes / SAVE_BYTES_PER_SECOND
 
 
 def jobs_running() -> bool:

@@ -408,6 +408,11 @@ class Execution:
         """
         self._stop.set()
 
+    @property
+    def output_bytes(self) -> int:
+        """How much output the answer holds so far (what counts against the output cap)."""
+        return self._result.kept_bytes
+
     def partial_answer(self) -> dict[str, Any]:
         """The answer so far (`status: "running"`) until the execution is over."""
         return self.answer or self._result.answer("running")
