@@ -280,6 +280,7 @@ class _BreakingExecution:
     """An execution whose upstream breaks after some output."""
 
     answer = None
+    output_bytes = 8
 
     def updates(self):
         yield {"type": "stdout", "text": "partial\n"}
