@@ -202,7 +202,10 @@ def test_headers_come_at_once_even_while_the_kernel_is_silent(proxy, kernel_id):
 
 def test_a_client_that_stops_reading_cannot_hold_the_kernel_past_the_deadline(proxy, kernel_id):
     execute(proxy, kernel_id, "kept = 1")
-    code = "import sys\nwhile True: sys.stdout.write('x' * 65536 + '\\n')"
+    # More output than the socket buffers hold, then a silent loop: the stream stalls on a
+    # client that reads nothing, not on a backlog the kernel keeps growing.
+    code = ("import sys, time\nfor _ in range(160): sys.stdout.write('x' * 65536 + '\\n')\n"
+            "sys.stdout.flush()\nwhile True: time.sleep(0.05)")
     client = raw_stream_request(proxy, {"id": kernel_id, "code": code, "timeout": 3},
                                 SO_RCVBUF=4096)
     try:
