@@ -277,6 +277,8 @@ class JobRunner:
         for attempt in range(3):
             try:
                 self.store.finish(job_id, status, answer, failure)
+                with self._lock:  # over once recorded: a client that saw it end may submit
+                    self._running.discard(job_id)
                 self.logger.info("job finished", execution_id=job_id, status=status)
                 return
             except sqlite3.Error as err:
