@@ -78,8 +78,8 @@ def _kernel_links(*operation_ids: str) -> dict[int, dict[str, Any]]:
 STREAM = {"type": "array", "items": {"$ref": "#/components/schemas/StreamLine"},
           "description": "one JSON object per line; the last is `result` or `failure`"}
 KERNEL_NOT_FOUND = "`kernel_not_found`: the Jupyter server has no kernel with this id"
-JOBS_UNAVAILABLE = ("`jobs_unavailable`: async executions have no store (set "
-                    "JUPYTER_JOB_STORE)")
+JOBS_UNAVAILABLE = ("`jobs_unavailable`: async executions have no usable store (set "
+                    "JUPYTER_JOB_STORE; the message says what is wrong)")
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(

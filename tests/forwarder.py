@@ -7,6 +7,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
+import time
 
 
 class TcpForwarder:
@@ -20,6 +21,7 @@ class TcpForwarder:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._stopped = threading.Event()
+        self._frozen = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -45,6 +47,9 @@ class TcpForwarder:
         selector.register(b, selectors.EVENT_READ, a)
         try:
             while not self._stopped.is_set():
+                if self._frozen.is_set():
+                    time.sleep(0.01)
+                    continue
                 for key, _ in selector.select(timeout=0.1):
                     data = key.fileobj.recv(65536)
                     if not data:
@@ -72,12 +77,20 @@ class TcpForwarder:
         with self._lock:
             return len(self._pairs)
 
+    def freeze(self) -> None:
+        """Stops relaying (until the next `cut`): what is sent meanwhile waits, already
+        acknowledged to its sender, in the forwarder's buffers, and a cut loses it, as a
+        network failure loses what is on the wire.
+        """
+        self._frozen.set()
+
     def cut(self) -> int:
         """Breaks every open connection, both ways; returns how many there were."""
         with self._lock:
             pairs = list(self._pairs)
         for a, b in pairs:
             self._close_pair(a, b)
+        self._frozen.clear()
         return len(pairs)
 
     def close(self) -> None:

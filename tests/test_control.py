@@ -105,5 +105,5 @@ def test_restart_while_code_runs_answers_that_code_honestly(http, kernel):
     [(status, answer)] = answers
     assert status == 200
     assert answer["status"] == "crashed"
-    assert answer["error"]["ename"] == "KernelRestarted"
+    assert answer["error"]["ename"] == "KernelRestarted", answer["error"]
     assert "state is lost" in answer["error"]["evalue"]

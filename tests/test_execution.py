@@ -7,7 +7,10 @@ of messages, `Silence`s and exceptions against a `FakeClock`: a receive that fin
 advances the clock by its whole timeout, so deadlines, grace and settle periods pass instantly
 and deterministically. The loop builds the `execute_request` itself, so scripted messages name
 their parent with the placeholders `OWN` (the execute_request sent) and `INFO` (the last
-kernel_info_request sent), which the channel resolves when it delivers them.
+kernel_info_request sent), which the channel resolves when it delivers them. Delivered messages
+are numbered as jupyter_client numbers them (`<session>_<pid>_<n>`): the kernel's in the order
+the script sends them, a `Lost` item taking numbers of messages that never arrive; the
+server's own death notices are another sender's; a restarted kernel is a new pid.
 """
 
 from __future__ import annotations
@@ -74,6 +77,17 @@ class Silence:
     seconds: float
 
 
+@dataclass
+class Lost:
+    """`count` messages the kernel sent that never arrive (they were on a broken connection)."""
+
+    count: int = 1
+
+
+class NewProcess:
+    """The kernel process was replaced (a restart): numbering starts again under a new pid."""
+
+
 class ScriptedChannel:
     """A KernelChannel stand-in: records what is sent, plays `script` on receive.
 
@@ -121,6 +135,12 @@ class ScriptedChannel:
             self.script.pop(0)
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, Lost):
+                self.kernel.numbered += item.count
+                continue
+            if isinstance(item, NewProcess):
+                self.kernel.pid, self.kernel.numbered = self.kernel.pid + 1, 0
+                continue
             message = self.kernel.resolve(item)
             return message, len(json.dumps(message))
 
@@ -156,6 +176,9 @@ class FakeKernel:
         self.interrupts: list[float] = []  # clock at each call
         self.restarts: list[float] = []
         self.released: list[bool] = []  # `reusable` of each channel handed back
+        self.pid = 100  # the kernel process; a restart makes a new one
+        self.numbered = 0  # how many messages this process sent
+        self.server_numbered = 0
 
     def connect(self, session_id: str | None, timeout: float) -> ScriptedChannel:
         self.connects.append((session_id, timeout))
@@ -205,6 +228,16 @@ class FakeKernel:
                    INFO: self.last_sent("kernel_info_request")}.get(parent)
         if request is not None:
             message["parent_header"]["msg_id"] = request["header"]["msg_id"]
+        state = message["content"].get("execution_state")
+        if not message["header"]["msg_id"].startswith("k-"):
+            pass  # the test set its id
+        elif message["msg_type"] == "status" and not parent and state in ("restarting", "dead"):
+            message["header"]["msg_id"] = f"server_1_{self.server_numbered}"
+            self.server_numbered += 1
+            self.pid, self.numbered = self.pid + 1, 0  # the kernel that comes back is new
+        else:
+            message["header"]["msg_id"] = f"kernel_{self.pid}_{self.numbered}"
+            self.numbered += 1
         return message
 
 
@@ -229,6 +262,13 @@ def stream(text: str, parent: str | None = OWN) -> dict:
 def reply(state: str = "ok", parent: str | None = OWN) -> dict:
     return kernel_msg("execute_reply", {"status": state, "execution_count": 1}, parent,
                       channel="shell")
+
+
+def numbered(message: dict, number: int | None) -> dict:
+    """`message` with a set place in the kernel's numbering (None: a msg_id without one)."""
+    message = copy.deepcopy(message)
+    message["header"]["msg_id"] = "a-uuid" if number is None else f"kernel_100_{number}"
+    return message
 
 
 def info_reply(parent: str | None = INFO) -> dict:
@@ -627,6 +667,30 @@ def test_restarted_kernel_is_reported_once_it_answers_kernel_info(clock, back):
     assert kernel.released == [False]
 
 
+def test_restarted_kernel_is_found_by_asking_even_when_its_starting_status_is_missed(clock):
+    """The new kernel's `starting` is often sent before the server's subscription reaches it;
+    kernel_info requests sent from the start are held by the server and answered."""
+    kernel = FakeKernel(clock, [status("busy"), Silence(2), status("restarting", parent=None),
+                                Silence(3), info_reply()])
+    end = end_of(run(kernel))
+    assert "works again" in end.error["evalue"]
+    assert clock.now == 5
+    probes = [m for m in kernel.sent if m["header"]["msg_type"] == "kernel_info_request"]
+    assert len(probes) == 3 / execution.PROBE_SECONDS + 1  # at 0, 0.5, ... 3 s
+
+
+def test_restart_asked_for_is_reported_once_the_new_process_answers(clock):
+    """After a requested restart the old process can still answer for a moment: that answer
+    does not count."""
+    shutdown = kernel_msg("shutdown_reply", {"restart": True}, parent="the server's request")
+    kernel = FakeKernel(clock, [status("busy"), Silence(1), shutdown, Silence(1), info_reply(),
+                                Silence(1), NewProcess(), info_reply()])
+    end = end_of(run(kernel))
+    assert end.status == "crashed"
+    assert end.error["ename"] == "KernelRestarted"
+    assert clock.now == 3
+
+
 def test_kernel_info_reply_to_another_request_does_not_count(clock):
     kernel = FakeKernel(clock, [status("busy"), status("restarting", parent=None),
                                 status("starting", parent=None), info_reply(parent="other")])
@@ -741,10 +805,51 @@ def test_reconnect_is_retried_with_backoff_until_the_server_answers(clock):
     assert len(kernel.connects) == 4
 
 
-def test_reconnect_while_other_connections_are_open_marks_output_as_possibly_lost(clock):
+def test_messages_lost_on_the_wire_when_the_connection_broke_mark_the_output_lost(clock):
+    """The server replays only what it buffered after it saw the break: the hole in the
+    kernel's message numbers shows what was in flight."""
+    kernel = FakeKernel(clock, [status("busy"), stream("a"), Lost(2), ConnectionLost("broke")],
+                        [stream("d"), reply(), status("idle")])
+    events = run(kernel)
+    assert texts(events) == ["a", "d"]
+    assert end_of(events) == End(output_lost=True)
+
+
+def test_replay_out_of_order_loses_nothing(clock):
+    kernel = FakeKernel(clock, [numbered(status("busy"), 0), numbered(stream("a"), 1),
+                                ConnectionLost("broke")],
+                        [numbered(stream("c"), 3), numbered(stream("b"), 2),
+                         numbered(reply(), 4), numbered(status("idle"), 5)])
+    assert end_of(run(kernel)) == End()
+
+
+def test_a_hole_after_this_request_ended_is_not_a_loss(clock):
+    """Numbers past this request's last message are other business of the kernel."""
     kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
-                        [reply(), status("idle")],
-                        model={"execution_state": "busy", "connections": 2})
+                        [reply(), status("idle"), Lost(), status("busy", parent="other")])
+    assert end_of(run(kernel)) == End()
+
+
+def test_break_before_any_message_of_the_request(clock):
+    whole = FakeKernel(clock, [status("busy", parent="other"), ConnectionLost("broke")],
+                       [Lost(), status("busy"), stream("a"), reply(), status("idle")])
+    assert end_of(run(whole)) == End()  # its `busy` came: nothing of it is missing
+    start_lost = FakeKernel(clock, [ConnectionLost("broke")],
+                            [Lost(2), stream("a"), reply(), status("idle")])
+    assert end_of(run(start_lost)) == End(output_lost=True)
+
+
+def test_without_message_numbers_a_break_counts_as_a_possible_loss(clock):
+    kernel = FakeKernel(clock, [numbered(status("busy"), None), ConnectionLost("broke")],
+                        [numbered(reply(), None), numbered(status("idle"), None)])
+    assert end_of(run(kernel)) == End(output_lost=True)
+
+
+def test_messages_of_other_senders_do_not_fill_or_make_holes(clock):
+    server_notice = kernel_msg("stream", {"name": "stderr", "text": "rate limit"})
+    server_notice["header"]["msg_id"] = "server_1_7"
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                        [server_notice, Lost(), reply(), status("idle")])
     assert end_of(run(kernel)) == End(output_lost=True)
 
 

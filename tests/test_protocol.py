@@ -179,3 +179,19 @@ def test_broadcast_shutdown_reply_means_the_kernel_went_away(restart, state):
     reply = {"header": {"msg_type": "shutdown_reply"}, "parent_header": {"msg_id": "other"},
              "content": {"status": "ok", "restart": restart}, "channel": "iopub"}
     assert protocol.kernel_death_state(protocol.decode(json.dumps(reply))) == state
+
+
+@pytest.mark.parametrize("msg_id, expected", [
+    ("4e7a1c2d-9b0e-4f3b_5388_17", ("4e7a1c2d-9b0e-4f3b_5388", 17)),
+    ("ea7e89314f4ab_5407_0", ("ea7e89314f4ab_5407", 0)),
+    ("0c7682d0376241489eba51af8068cade", None),  # a bare uuid, as older kernels send
+    ("session_12_", None),
+    ("_3", None),
+    ("session_1_٣", None),  # a digit, but not an ASCII one
+])
+def test_sequence_number_reads_jupyter_clients_numbered_msg_ids(msg_id, expected):
+    assert protocol.sequence_number({"header": {"msg_id": msg_id}}) == expected
+
+
+def test_sequence_number_of_a_message_without_msg_id():
+    assert protocol.sequence_number({"header": {}}) is None

@@ -14,7 +14,8 @@ Everything is bounded:
 - once the `execute_reply` (or the `idle`) is in, the other half is awaited only while messages
   keep coming: the server can drop an `idle`, e.g. right after a restart.
 - a websocket that breaks is reopened with the same session id, so that the server replays what
-  it buffered meanwhile; the request itself is never sent twice.
+  it buffered meanwhile; the request itself is never sent twice. Messages that were on the wire
+  when it broke are gone: the kernel's message numbers tell whether any were (`output_lost`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ RECONNECT_ATTEMPTS = 3  # websockets reopened in one execution, at most
 RECONNECT_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # backoff between tries to reopen one
 MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
 CANCEL_POLL_SECONDS = 0.5  # how often `cancelled` is asked while the kernel is silent
+PROBE_SECONDS = 0.5  # how often a dead kernel is asked for its info while it is restarted
+MAX_OUT_OF_ORDER = 10_000  # message numbers held while looking for a gap, at most
 
 
 class KernelControl(Protocol):
@@ -120,7 +123,7 @@ class _Run:
         self.last_own = 0.0  # when the latest message of this request arrived
         self.last_heard = 0.0  # when anything last arrived (or the websocket was reopened)
         self.reconnects = 0
-        self.output_lost = False  # a reconnect the server could not replay in full
+        self.gaps = _Gaps()
         self.reusable = False  # set once the execution ended with the channel in a known state
         self.death: str | None = None
         self.restart_asked = False  # the death was a restart someone asked for
@@ -128,6 +131,11 @@ class _Run:
     @property
     def complete(self) -> bool:
         return self.reply and self.idle
+
+    @property
+    def output_lost(self) -> bool:
+        """Messages of this request went missing with a broken websocket (or may have)."""
+        return self.gaps.lost
 
     def execute(self, code: str, *, timeout: float, crash_wait: float, grace: float,
                 silent: bool) -> Iterator[Event]:
@@ -284,18 +292,22 @@ class _Run:
         """
         reconnect_until = until if reconnect_until is None else reconnect_until
         try:
-            return self.channel.recv(until - self.clock())
+            received = self.channel.recv(until - self.clock())
         except ConnectionLost:
             if self.reconnects >= RECONNECT_ATTEMPTS or self.clock() >= reconnect_until:
                 raise
             self.reconnects += 1
+            self.gaps.broke()
             self._reconnect(reconnect_until)
             return None
+        if received is not None:
+            self.gaps.note(received[0], own=protocol.parent_id(received[0]) == self.msg_id)
+        return received
 
     def _reconnect(self, until: float) -> None:
         """Reopens the websocket with the same session id, retrying with backoff until
-        `until`: the server replays what it buffered meanwhile, if ours was the kernel's only
-        connection; otherwise the answer is marked as possibly incomplete.
+        `until`: the server replays what it buffered meanwhile (only if ours was the kernel's
+        only connection; `_Gaps` finds out whether anything is missing).
         """
         self.channel.close()
         error: KernelError | None = None
@@ -313,21 +325,9 @@ class _Run:
                 error = err
                 continue
             self.last_heard = self.clock()
-            self._note_replay()
             return
         raise ConnectionLost("the connection to the Jupyter server broke during the "
                              "execution and could not be reopened") from error
-
-    def _note_replay(self) -> None:
-        """The server replays a session's messages only when it was the kernel's only
-        connection: with others open, messages sent during the break are gone.
-        """
-        try:
-            connections = self.kernel.describe().get("connections")
-        except KernelError:
-            connections = None
-        if not isinstance(connections, int) or connections > 1:
-            self.output_lost = True
 
     def _await_restart(self, until: float) -> Generator[Event, None, str]:
         """Waits for the server to bring a dead kernel back, yielding this request's messages
@@ -335,38 +335,51 @@ class _Run:
 
         Returns `restarted`, `dead`, `shutdown`, or `restarting` if the server said neither
         before `until`. A restarted kernel counts as back once it answers a
-        `kernel_info_request`, or once it runs this code.
+        `kernel_info_request` (not the process that died: it may answer before it exits), or
+        once it runs this code. One is sent every `PROBE_SECONDS` from the start: the server
+        holds them until the kernel is back, while the new kernel's `starting` status is
+        easily missed (it can go out before the server's subscription reaches the new process).
         """
         if self.death in ("dead", "shutdown"):
             return self.death
         ran_before = self.started
-        info_id = None
+        probes: set[str] = set()
+        next_probe = self.clock()
         while self.clock() < until:
-            received = self._recv(until)
+            if self.clock() >= next_probe:
+                probes.add(self._probe())
+                next_probe = self.clock() + PROBE_SECONDS
+            received = self._recv(min(until, next_probe), reconnect_until=until)
             if self.death == "shutdown":
                 return "shutdown"
             if received is None:
                 continue
             message, size = received
-            if protocol.parent_id(message) == self.msg_id:
+            parent = protocol.parent_id(message)
+            if parent == self.msg_id:
                 self._note(message)
                 yield Message(message, size)
                 if not ran_before:
                     return "restarted"  # back, and running this code
                 continue
-            if info_id and message.get("msg_type") == "kernel_info_reply" \
-                    and protocol.parent_id(message) == info_id:
+            if message.get("msg_type") == "kernel_info_reply" and parent in probes \
+                    and not self.gaps.from_running_process(message):
                 return "restarted"
-            if message.get("msg_type") != "status" or protocol.parent_id(message):
-                continue
-            state = message["content"].get("execution_state")
-            if state == "dead":
+            if message.get("msg_type") == "status" and not parent \
+                    and message["content"].get("execution_state") == "dead":
                 return "dead"
-            if state in ("starting", "idle") and info_id is None:
-                request = protocol.kernel_info_request(self.session_id)
-                info_id = request["header"]["msg_id"]
-                self.channel.send(request)
         return "restarting"
+
+    def _probe(self) -> str:
+        """Sends a `kernel_info_request` and returns its msg_id (a broken websocket is left to
+        the next receive, which reopens it).
+        """
+        request = protocol.kernel_info_request(self.session_id)
+        try:
+            self.channel.send(request)
+        except ConnectionLost:
+            pass
+        return request["header"]["msg_id"]
 
     def _time_left(self, cap: float) -> float:
         return max(min(cap, self.deadline - self.clock()), 0.1)
@@ -389,6 +402,78 @@ class _Run:
         if self.channel is not None:
             self.kernel.release(self.channel, self.reusable)
             self.channel = None
+
+
+class _Gaps:
+    """Tells whether messages of this request went missing with a broken websocket.
+
+    The server replays what it buffered while no connection was open, but not what was on the
+    wire when the connection broke. The kernel numbers what it sends (`sequence_number`), and
+    while it runs this request everything it sends reaches this connection (iopub, and our own
+    replies; it answers no one else's requests meanwhile). So after a break, the numbers from
+    the last message before it up to this request's last one must all arrive, in any order;
+    a hole means a lost message. With no numbers, a break always counts as a possible loss.
+    """
+
+    def __init__(self) -> None:
+        self.sender: str | None = None  # the kernel process that runs the request
+        self.highest: dict[str, int] = {}  # the highest number seen, per sender
+        self.broken = False
+        self.unknown = False  # numbers cannot tell (none, or too many out of order)
+        self.complete_to: int | None = None  # after a break: every number up to here arrived
+        self.ahead: set[int] = set()  # after a break: numbers that arrived past a hole
+        self.last_own = -1  # the number of this request's latest message
+
+    @property
+    def lost(self) -> bool:
+        if not self.broken:
+            return False
+        if self.unknown or self.complete_to is None:
+            return True
+        return self.complete_to < self.last_own
+
+    def from_running_process(self, message: dict[str, Any]) -> bool:
+        numbered = protocol.sequence_number(message)
+        return numbered is not None and numbered[0] == self.sender
+
+    def broke(self) -> None:
+        if not self.broken:
+            self.broken = True
+            if self.sender is not None:
+                self.complete_to = self.highest.get(self.sender)
+
+    def note(self, message: dict[str, Any], own: bool) -> None:
+        numbered = protocol.sequence_number(message)
+        if numbered is None:
+            self.unknown |= own and self.broken
+            return
+        sender, number = numbered
+        if self.sender is None and own:
+            self.sender = sender
+            if self.broken:
+                # Nothing of this request came before the break: it is all here if this is
+                # its first message (`busy`), and nothing after it is missing.
+                if message.get("msg_type") == "status" and \
+                        message["content"].get("execution_state") == "busy":
+                    self.complete_to = number - 1
+                else:
+                    self.unknown = True
+        if sender != self.sender:
+            if not self.broken:
+                self.highest[sender] = max(number, self.highest.get(sender, -1))
+            return
+        if own:
+            self.last_own = max(self.last_own, number)
+        if not self.broken:
+            self.highest[sender] = max(number, self.highest.get(sender, -1))
+        elif self.complete_to is not None and number > self.complete_to:
+            self.ahead.add(number)
+            while self.complete_to + 1 in self.ahead:
+                self.complete_to += 1
+                self.ahead.discard(self.complete_to)
+            if len(self.ahead) > MAX_OUT_OF_ORDER:
+                self.unknown = True
+                self.ahead.clear()
 
 
 def _attempt(action: Callable[[], None]) -> bool:

@@ -96,6 +96,19 @@ def parent_id(message: dict[str, Any]) -> str | None:
     return _text(parent.get("msg_id")) if isinstance(parent, dict) else None
 
 
+def sequence_number(message: dict[str, Any]) -> tuple[str, int] | None:
+    """Who sent `message` and its place in what that sender sent, if its `msg_id` tells.
+
+    jupyter_client (7.0 and later) makes each msg_id `<session>_<pid>_<n>`, n counting the
+    messages the session sent; a restarted kernel is a new sender (another pid). Kernels on
+    other libraries may use any id: then this is None.
+    """
+    sender, _, number = str(message["header"].get("msg_id", "")).rpartition("_")
+    if not sender or not number.isascii() or not number.isdigit():
+        return None
+    return sender, int(number)
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
