@@ -20,10 +20,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 
 from app.logs import StructuredLogger, redact
+
+_Server = TypeVar("_Server", bound="ServerProcess")
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PR_SET_DUMPABLE = 4
@@ -49,16 +52,24 @@ class EmbeddedServerError(RuntimeError):
     """The embedded Jupyter server could not be started."""
 
 
-class EmbeddedJupyterServer:
-    """A `jupyter_server` child process on 127.0.0.1; use as a context manager or start/stop."""
+class ServerProcess:
+    """A Jupyter server child process on 127.0.0.1, configured by a private file (removed once
+    read), logging to a private file, and stopped with its kernels; a context manager or
+    start/stop. Subclasses say which server, how it is configured and when it is ready.
+    """
 
-    def __init__(self, startup_timeout: float = 60.0, root_dir: str | None = None,
-                 logger: StructuredLogger | None = None, *, port: int = 0,
-                 token: str | None = None, limit_rate: bool = False) -> None:
-        """`port` 0 picks a free one; `limit_rate` keeps jupyter_server's iopub rate limit."""
+    name = "Jupyter server"
+    command = ("jupyter_server",)  # run as `python -m ...`
+    requires = ("jupyter_server",)  # modules that must import
+    install_hint = ""
+    ready_path = "/api/status"  # answers 200 with our token once the server is ready
+    error: type[RuntimeError] = EmbeddedServerError
+
+    def __init__(self, startup_timeout: float = 60.0, logger: StructuredLogger | None = None,
+                 *, port: int = 0, token: str | None = None, limit_rate: bool = False) -> None:
+        """`port` 0 picks a free one; `limit_rate` keeps the server's iopub rate limit."""
         self.startup_timeout = startup_timeout
-        self.root_dir = root_dir
-        self.logger = logger or StructuredLogger(__name__)
+        self.logger = logger
         self.token = token or secrets.token_urlsafe(32)
         self.requested_port = port
         self.limit_rate = limit_rate
@@ -73,46 +84,57 @@ class EmbeddedJupyterServer:
 
     @property
     def log_path(self) -> Path:
-        """Where the server writes its own log (private: it contains the token)."""
-        return Path(self._workdir or ".") / "jupyter_server.log"
+        """Where the server writes its own log (private: it may contain the token)."""
+        return Path(self._workdir or ".") / "server.log"
 
-    def start(self) -> EmbeddedJupyterServer:
-        """Starts the server and returns once it answers its REST API."""
-        try:
-            import jupyter_server  # noqa: F401
-            import ipykernel  # noqa: F401
-        except ImportError:
-            raise EmbeddedServerError(
-                "--embedded needs jupyter_server and ipykernel: "
-                "pip install 'jupyter-kernel-proxy[embedded]'"
-            ) from None
-        self._workdir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-")
-        # Kernels start here unless told otherwise: not in the proxy's directory, whose .env
-        # may hold the API key.
-        root_dir = self.root_dir or tempfile.mkdtemp(prefix="kernels-", dir=self._workdir)
-        self.port = self.requested_port or free_port()
-        config = Path(self._workdir) / "jupyter_server_config.py"
-        config.write_text(CONFIG_TEMPLATE.format(port=self.port, token=self.token,
-                                                 limit_rate=self.limit_rate))
+    def config(self) -> str:
+        """The server's config file (it holds the token)."""
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours, without our secrets (its kernels inherit it)."""
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
-        env["JUPYTER_RUNTIME_DIR"] = self._workdir  # connection files go away with us
+        env["JUPYTER_RUNTIME_DIR"] = self.workdir  # connection files go away with us
+        return env
+
+    @property
+    def workdir(self) -> str:
+        """The private directory of this run (config, log, runtime files); gone after stop."""
+        assert self._workdir is not None, "the server is not started"
+        return self._workdir
+
+    def kernels_dir(self) -> str:
+        """Where kernels start: not in the proxy's directory, whose .env may hold the key."""
+        return tempfile.mkdtemp(prefix="kernels-", dir=self.workdir)
+
+    def start(self: _Server) -> _Server:
+        """Starts the server and returns once it answers its REST API with our token."""
+        for module in self.requires:
+            try:
+                __import__(module)
+            except ImportError:
+                raise self.error(f"the {self.name} needs {module}: {self.install_hint}") from None
+        self._workdir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-")
+        cwd = self.kernels_dir()
+        self.port = self.requested_port or free_port()
+        config = Path(self.workdir) / "server_config.py"
+        config.write_text(self.config())
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "jupyter_server", f"--config={config}"],
-                env=env, cwd=root_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [sys.executable, "-m", *self.command, f"--config={config}"],
+                env=self.environment(), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log,
                 start_new_session=True,  # our Ctrl-C is ours to handle: stop() stops it in order
                 preexec_fn=_die_with_parent,
             )
-        self.logger.info("embedded jupyter server starting", server_pid=self.process.pid,
-                         url=self.url)
+        self._log("info", f"{self.name} starting", server_pid=self.process.pid, url=self.url)
         try:
             self._wait_until_serving()
         except BaseException:
             self.stop()
             raise
         config.unlink()  # read at start-up; the token needs no copy on disk from now on
-        self.logger.info("embedded jupyter server ready", server_pid=self.process.pid,
-                         url=self.url)
+        self._log("info", f"{self.name} ready", server_pid=self.process.pid, url=self.url)
         return self
 
     def _wait_until_serving(self) -> None:
@@ -120,47 +142,72 @@ class EmbeddedJupyterServer:
         headers = {"Authorization": f"token {self.token}"}
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                raise EmbeddedServerError(
-                    "the embedded Jupyter server exited at start-up:\n" + self._log_tail())
+                raise self.error(f"the {self.name} exited at start-up:\n" + self._log_tail())
             try:
-                if requests.get(f"{self.url}/api/status", headers=headers, timeout=2).ok:
+                if requests.get(self.url + self.ready_path, headers=headers, timeout=2).ok:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        raise EmbeddedServerError(f"the embedded Jupyter server did not answer within "
-                                  f"{self.startup_timeout:g} s:\n" + self._log_tail())
+        raise self.error(f"the {self.name} did not answer within {self.startup_timeout:g} s:"
+                         "\n" + self._log_tail())
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stops the server; it shuts its kernels down first. Safe to call twice."""
+        """Stops the server, which shuts its kernels down on SIGTERM. Safe to call twice."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            # jupyter_server shuts every kernel down on SIGTERM before it exits.
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.logger.warning("embedded jupyter server did not stop; killing it",
-                                    server_pid=process.pid)
+                self._log("warning", f"{self.name} did not stop; killing it",
+                          server_pid=process.pid)
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-            self.logger.info("embedded jupyter server stopped", server_pid=process.pid)
+            self._log("info", f"{self.name} stopped", server_pid=process.pid)
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def _log_tail(self, lines: int = 20) -> str:
+    def _log(self, level: str, message: str, **fields: object) -> None:
+        if self.logger is not None:
+            getattr(self.logger, level)(message, **fields)
+
+    def _log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
         return redact("\n".join(text.splitlines()[-lines:])).replace(self.token, "[redacted]")
 
-    def __enter__(self) -> EmbeddedJupyterServer:
+    def __enter__(self: _Server) -> _Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class EmbeddedJupyterServer(ServerProcess):
+    """`jupyter_server` with ipykernel, for `--embedded` and the tests."""
+
+    name = "embedded jupyter server"
+    requires = ("jupyter_server", "ipykernel")
+    install_hint = "pip install 'jupyter-kernel-proxy[embedded]'"
+
+    def __init__(self, startup_timeout: float = 60.0, root_dir: str | None = None,
+                 logger: StructuredLogger | None = None, *, port: int = 0,
+                 token: str | None = None, limit_rate: bool = False) -> None:
+        """`root_dir`: where kernels start (default: a private temporary directory)."""
+        super().__init__(startup_timeout, logger or StructuredLogger(__name__), port=port,
+                         token=token, limit_rate=limit_rate)
+        self.root_dir = root_dir
+
+    def config(self) -> str:
+        return CONFIG_TEMPLATE.format(port=self.port, token=self.token,
+                                      limit_rate=self.limit_rate)
+
+    def kernels_dir(self) -> str:
+        return self.root_dir or super().kernels_dir()
 
 
 def prctl(option: int, value: int) -> None:
