@@ -242,6 +242,19 @@ def test_clear_output_past_the_cap_still_clears():
     assert result.answer()["outputs"] == []
 
 
+def test_a_progress_loop_past_the_cap_keeps_memory_bounded():
+    """`clear_output(wait=True); print(i)` for ever: past the cap nothing more is kept."""
+    result = ExecutionResult(1000)
+    for i in range(10_000):
+        result.add(clear(wait=True), 100)
+        result.add(display({"text/plain": f"{i}%"}), 100)
+    answer = result.answer()
+    assert answer["truncated"] is True
+    assert len(answer["results"]) <= 10
+    assert result.kept_bytes <= 1000
+    assert answer["outputs"] == []  # the last clear was applied; what came after it, dropped
+
+
 def test_update_display_data_replaces_the_display_it_names():
     result = fold(display({"text/plain": "0%"}, "bar"), display({"text/plain": "other"}),
                   display({"text/plain": "100%"}, "bar", msg_type="update_display_data"))

@@ -4,7 +4,8 @@
 messages (`results`) and their summary (`stdout`, `stderr`, `outputs`, `error`, ...). Past
 `max_output_bytes` it stops keeping output (keeping what fits of the stream that crosses the
 cap) but still reads the messages that end the execution, and says `truncated: true`; it says
-so too when the Jupyter server's iopub rate limit dropped output.
+so too when the Jupyter server's iopub rate limit dropped output. Memory stays bounded by the
+cap: past it, only the few messages that end the execution are kept.
 
 `outputs` is what a notebook would show: `clear_output` empties it (at once, or with `wait`
 when the next output comes), `update_display_data` replaces the display it names; `stdout` and
@@ -18,8 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# Messages that say how the execution ends: always kept, whatever the output cap.
-_CONTROL_TYPES = frozenset({"execute_reply", "status", "execute_input", "clear_output"})
+# Messages that say how the execution ends (a few per execution): kept whatever the output cap.
+_CONTROL_TYPES = frozenset({"execute_reply", "status", "execute_input"})
 _OUTPUT_TYPES = frozenset({"execute_result", "display_data"})
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 # What jupyter_server writes to stderr when its iopub rate limit drops output.
@@ -64,6 +65,12 @@ class ExecutionResult:
             room = 0 if self.truncated else self.max_output_bytes - self.kept_bytes
             if size > room:
                 self.truncated = True
+                if msg_type == "clear_output":
+                    # Not kept (a progress loop sends one per step, without end), but still
+                    # applied: `outputs` shows what a notebook would.
+                    return self._fold(msg_type, content)
+                if msg_type in _OUTPUT_TYPES:
+                    self._clear_if_pending()  # it came, even if it is not kept
                 if msg_type != "stream" or room <= 0:
                     return []
                 # Keep what fits of a stream that crosses the cap: the start of a big print.
