@@ -6,11 +6,12 @@ are recorded, may raise, and may make the kernel send more messages. A channel p
 of messages, `Silence`s and exceptions against a `FakeClock`: a receive that finds nothing
 advances the clock by its whole timeout, so deadlines, grace and settle periods pass instantly
 and deterministically. The loop builds the `execute_request` itself, so scripted messages name
-their parent with the placeholders `OWN` (the execute_request sent) and `INFO` (the last
-kernel_info_request sent), which the channel resolves when it delivers them. Delivered messages
-are numbered as jupyter_client numbers them (`<session>_<pid>_<n>`): the kernel's in the order
-the script sends them, a `Lost` item taking numbers of messages that never arrive; the
-server's own death notices are another sender's; a restarted kernel is a new pid.
+their parent with the placeholders `OWN` (the execute_request sent) and `INFO` (the oldest
+kernel_info_request not answered yet), which the channel resolves when it delivers them.
+Delivered messages are numbered as jupyter_client numbers them (`<session>_<pid>_<n>`): the
+kernel's in the order the script sends them, a `Lost` item taking numbers of messages that
+never arrive; the server's own death notices are another sender's; a restarted kernel is a new
+pid.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ class FakeKernel:
         self.interrupts: list[float] = []  # clock at each call
         self.restarts: list[float] = []
         self.released: list[bool] = []  # `reusable` of each channel handed back
+        self.answered: set[str] = set()  # kernel_info_requests answered
         self.pid = 100  # the kernel process; a restart makes a new one
         self.numbered = 0  # how many messages this process sent
         self.server_numbered = 0
@@ -220,12 +222,21 @@ class FakeKernel:
         matching = [m for m in self.sent if m["header"]["msg_type"] == msg_type]
         return matching[-1] if matching else None
 
+    def first_unanswered_info(self) -> dict | None:
+        """The kernel_info_request a kernel answers next: the oldest not answered yet."""
+        for message in self.sent:
+            if message["header"]["msg_type"] == "kernel_info_request" and \
+                    message["header"]["msg_id"] not in self.answered:
+                self.answered.add(message["header"]["msg_id"])
+                return message
+        return self.last_sent("kernel_info_request")
+
     def resolve(self, message: dict) -> dict:
         """A copy of `message` with the parent placeholders replaced by the real msg_ids."""
         message = copy.deepcopy(message)
         parent = message["parent_header"].get("msg_id")
         request = {OWN: self.last_sent("execute_request"),
-                   INFO: self.last_sent("kernel_info_request")}.get(parent)
+                   INFO: self.first_unanswered_info()}.get(parent)
         if request is not None:
             message["parent_header"]["msg_id"] = request["header"]["msg_id"]
         state = message["content"].get("execution_state")
@@ -676,7 +687,7 @@ def test_restarted_kernel_is_found_by_asking_even_when_its_starting_status_is_mi
     assert "works again" in end.error["evalue"]
     assert clock.now == 5
     probes = [m for m in kernel.sent if m["header"]["msg_type"] == "kernel_info_request"]
-    assert len(probes) == 3 / execution.PROBE_SECONDS + 1  # at 0, 0.5, ... 3 s
+    assert len(probes) == 3  # at 2, 2.5 and 3.5 s: fewer and fewer while the kernel is away
 
 
 def test_restart_asked_for_is_reported_once_the_new_process_answers(clock):
@@ -688,7 +699,30 @@ def test_restart_asked_for_is_reported_once_the_new_process_answers(clock):
     end = end_of(run(kernel))
     assert end.status == "crashed"
     assert end.error["ename"] == "KernelRestarted"
+    assert "while running this code" in end.error["evalue"]
     assert clock.now == 3
+
+
+def test_without_numbers_a_requested_restart_waits_for_the_new_process_to_show(clock):
+    unnumbered = [numbered(m, None) for m in (
+        status("busy"), kernel_msg("shutdown_reply", {"restart": True}, parent="the server's"),
+        info_reply(), status("starting", parent=None), info_reply())]
+    busy, shutdown, old_answer, starting, new_answer = unnumbered
+    kernel = FakeKernel(clock, [busy, Silence(1), shutdown, Silence(1), old_answer, Silence(1),
+                                starting, Silence(1), new_answer])
+    end = end_of(run(kernel))
+    assert end.error["ename"] == "KernelRestarted"
+    assert clock.now == 4  # the answer before `starting` may be the old process's
+
+
+def test_after_a_crash_any_answer_is_the_new_process(clock):
+    """The server saw the process die: whoever answers is the new one, numbers or not."""
+    kernel = FakeKernel(clock, [numbered(status("busy"), None), Silence(1),
+                                status("restarting", parent=None), Silence(1),
+                                numbered(info_reply(), None)])
+    end = end_of(run(kernel))
+    assert "works again" in end.error["evalue"]
+    assert clock.now == 2
 
 
 def test_kernel_info_reply_to_another_request_does_not_count(clock):
@@ -823,11 +857,25 @@ def test_replay_out_of_order_loses_nothing(clock):
     assert end_of(run(kernel)) == End()
 
 
-def test_a_hole_after_this_request_ended_is_not_a_loss(clock):
-    """Numbers past this request's last message are other business of the kernel."""
-    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
-                        [reply(), status("idle"), Lost(), status("busy", parent="other")])
-    assert end_of(run(kernel)) == End()
+def test_a_hole_after_the_break_was_bounded_is_not_a_loss(clock):
+    """Numbers the kernel spends on messages to others (another client's control reply) while
+    the connection is fine again are no loss; a hole before the first number after the break
+    is."""
+    fine = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                      [stream("a"), Lost(), stream("b"), reply(), status("idle")])
+    assert end_of(run(fine)) == End()
+    lost = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                      [Lost(), stream("a"), stream("b"), reply(), status("idle")])
+    assert end_of(run(lost)) == End(output_lost=True)
+
+
+def test_a_message_sent_out_of_order_just_before_the_break_is_awaited(clock):
+    """ipykernel's threads can send #2 before #1: a break between them may lose #1."""
+    kernel = FakeKernel(clock, [numbered(status("busy"), 0), numbered(stream("b"), 2),
+                                ConnectionLost("broke")],
+                        [numbered(stream("c"), 3), numbered(reply(), 4),
+                         numbered(status("idle"), 5)])
+    assert end_of(run(kernel)) == End(output_lost=True)
 
 
 def test_break_before_any_message_of_the_request(clock):
@@ -846,11 +894,31 @@ def test_without_message_numbers_a_break_counts_as_a_possible_loss(clock):
 
 
 def test_messages_of_other_senders_do_not_fill_or_make_holes(clock):
-    server_notice = kernel_msg("stream", {"name": "stderr", "text": "rate limit"})
-    server_notice["header"]["msg_id"] = "server_1_7"
+    """The server's own messages (its rate-limit notice answers our request) are numbered by
+    the server's session, not the kernel's."""
+    notice = kernel_msg("stream", {"name": "stderr", "text": "IOPub message rate exceeded"})
+    filler = {**notice, "header": {**notice["header"], "msg_id": "server_1_1"}}
     kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
-                        [server_notice, Lost(), reply(), status("idle")])
+                        [filler, Lost(), reply(), status("idle")])
+    assert end_of(run(kernel)) == End(output_lost=True)  # kernel's #1 is still missing
+    far = {**notice, "header": {**notice["header"], "msg_id": "server_1_99"}}
+    kernel = FakeKernel(clock, [status("busy"), ConnectionLost("broke")],
+                        [far, reply(), status("idle")])
+    assert end_of(run(kernel)) == End()  # and #99 opens no gap in the kernel's numbers
+
+
+def test_a_break_that_nothing_follows_counts_as_a_possible_loss(clock):
+    """The reply came, then the break: the idle (and anything after the reply) is gone."""
+    kernel = FakeKernel(clock, [status("busy"), reply(), ConnectionLost("broke")], [])
     assert end_of(run(kernel)) == End(output_lost=True)
+
+
+def test_code_that_did_not_start_lost_nothing(clock):
+    kernel = FakeKernel(clock, [ConnectionLost("broke")], [],
+                        model={"execution_state": "busy", "connections": 1})
+    end = end_of(run(kernel))
+    assert end.status == "timeout" and "did not start" in end.error["evalue"]
+    assert end.output_lost is False
 
 
 def test_silence_after_a_reconnect_with_an_idle_kernel_means_the_answer_was_lost(clock):

@@ -223,8 +223,8 @@ def test_connection_cut_while_others_watch_the_kernel_says_output_may_be_lost(
     result = cut_during(http, forwarder, kernel, PRINT_ACROSS_THE_CUT)
     assert result["status"] == "ok"
     assert value(result) == "'done'"
-    assert result["truncated"] is True
-    printed(result)
+    lines = printed(result)
+    assert result["truncated"] is (len(lines) < 40)  # printed during the break: sent to the other
 
 
 def test_connection_that_cannot_be_reopened_is_a_clear_error_and_kernel_stays_usable(

@@ -15,7 +15,7 @@ Everything is bounded:
   keep coming: the server can drop an `idle`, e.g. right after a restart.
 - a websocket that breaks is reopened with the same session id, so that the server replays what
   it buffered meanwhile; the request itself is never sent twice. Messages that were on the wire
-  when it broke are gone: the kernel's message numbers tell whether any were (`output_lost`).
+  when it broke are gone: the kernel's message numbers tell whether any may be (`output_lost`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ RECONNECT_ATTEMPTS = 3  # websockets reopened in one execution, at most
 RECONNECT_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # backoff between tries to reopen one
 MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
 CANCEL_POLL_SECONDS = 0.5  # how often `cancelled` is asked while the kernel is silent
-PROBE_SECONDS = 0.5  # how often a dead kernel is asked for its info while it is restarted
-MAX_OUT_OF_ORDER = 10_000  # message numbers held while looking for a gap, at most
+PROBE_PAUSES = (0.5, 1.0, 2.0)  # between kernel_info requests to a kernel being restarted
+SEQUENCE_SLACK = 4  # how far out of order a kernel's threads send its numbered messages
+MAX_GAP = 1024  # message numbers awaited after a break, at most (a wider gap is a loss)
 
 
 class KernelControl(Protocol):
@@ -127,6 +128,8 @@ class _Run:
         self.reusable = False  # set once the execution ended with the channel in a known state
         self.death: str | None = None
         self.restart_asked = False  # the death was a restart someone asked for
+        self.dying_sender: str | None = None  # the process that announced its own shutdown
+        self.new_process_seen = False  # a parentless `starting`/`idle` came while restarting
 
     @property
     def complete(self) -> bool:
@@ -160,7 +163,7 @@ class _Run:
             state = yield from self._await_restart(crash_until)
             if ran or state != "restarted" or not self.started:
                 yield End("crashed", _crash_error(state, crash_wait, ran, self.restart_asked),
-                          self.output_lost)
+                          self.output_lost and ran)  # code that did not run lost nothing
                 return
             # The kernel died before this code started, and the restarted kernel runs it.
             self.death = None
@@ -168,11 +171,11 @@ class _Run:
             outcome = yield from self._stop_overrun(grace)
             if self.death is None:
                 self.reusable = outcome in ("interrupted", "not_started")
+                lost = self.output_lost and outcome != "not_started"
                 if self.was_cancelled:
-                    yield End("cancelled", _cancel_error(outcome), self.output_lost)
+                    yield End("cancelled", _cancel_error(outcome), lost)
                     return
-                yield End("timeout", self._timeout_error(timeout, outcome, grace),
-                          self.output_lost)
+                yield End("timeout", self._timeout_error(timeout, outcome, grace), lost)
                 return
             yield End("crashed", _crash_error(self.death, crash_wait, True, self.restart_asked),
                       self.output_lost)
@@ -244,8 +247,10 @@ class _Run:
                 yield Message(message, size)
             else:
                 self.death = protocol.kernel_death_state(message)
-                self.restart_asked |= self.death == "restarting" \
-                    and message.get("msg_type") == "shutdown_reply"
+                if self.death and message.get("msg_type") == "shutdown_reply":
+                    self.restart_asked |= self.death == "restarting"
+                    numbered = protocol.sequence_number(message)
+                    self.dying_sender = numbered[0] if numbered else None
 
     def _settle(self) -> None:
         """Silence after half of the answer: the other half is not coming."""
@@ -334,21 +339,25 @@ class _Run:
         meanwhile (a kernel that died before running the code runs it once restarted).
 
         Returns `restarted`, `dead`, `shutdown`, or `restarting` if the server said neither
-        before `until`. A restarted kernel counts as back once it answers a
-        `kernel_info_request` (not the process that died: it may answer before it exits), or
-        once it runs this code. One is sent every `PROBE_SECONDS` from the start: the server
-        holds them until the kernel is back, while the new kernel's `starting` status is
-        easily missed (it can go out before the server's subscription reaches the new process).
+        before `until`. A restarted kernel counts as back once it runs this code, or once the
+        new process answers a `kernel_info_request`. One is sent at once and then after each
+        of `PROBE_PAUSES` (the last repeating): the server holds them until the kernel is
+        back, whereas the new kernel's `starting` status is easily missed (it can go out before
+        the server's subscription reaches the new process).
         """
         if self.death in ("dead", "shutdown"):
             return self.death
         ran_before = self.started
         probes: set[str] = set()
+        pauses = iter(PROBE_PAUSES)
+        pause = 0.0
         next_probe = self.clock()
+        self.new_process_seen = False
         while self.clock() < until:
             if self.clock() >= next_probe:
                 probes.add(self._probe())
-                next_probe = self.clock() + PROBE_SECONDS
+                pause = next(pauses, pause)
+                next_probe = self.clock() + pause
             received = self._recv(min(until, next_probe), reconnect_until=until)
             if self.death == "shutdown":
                 return "shutdown"
@@ -363,12 +372,26 @@ class _Run:
                     return "restarted"  # back, and running this code
                 continue
             if message.get("msg_type") == "kernel_info_reply" and parent in probes \
-                    and not self.gaps.from_running_process(message):
+                    and self._from_new_process(message):
                 return "restarted"
-            if message.get("msg_type") == "status" and not parent \
-                    and message["content"].get("execution_state") == "dead":
-                return "dead"
+            if message.get("msg_type") == "status" and not parent:
+                state = message["content"].get("execution_state")
+                if state == "dead":
+                    return "dead"
+                self.new_process_seen |= state in ("starting", "idle")
         return "restarting"
+
+    def _from_new_process(self, message: dict[str, Any]) -> bool:
+        """Whether a message comes from the restarted kernel, not the process that died (which
+        can still answer while it shuts down after a requested restart).
+        """
+        old = {self.gaps.sender, self.dying_sender} - {None}
+        numbered = protocol.sequence_number(message)
+        if numbered is not None and old:
+            return numbered[0] not in old
+        # Without numbers: after a crash the old process is gone; after a requested restart,
+        # only a parentless `starting`/`idle` tells that the new one is up.
+        return not self.restart_asked or self.new_process_seen
 
     def _probe(self) -> str:
         """Sends a `kernel_info_request` and returns its msg_id (a broken websocket is left to
@@ -405,75 +428,76 @@ class _Run:
 
 
 class _Gaps:
-    """Tells whether messages of this request went missing with a broken websocket.
+    """Tells whether messages of this request may have gone missing with a broken websocket.
 
-    The server replays what it buffered while no connection was open, but not what was on the
-    wire when the connection broke. The kernel numbers what it sends (`sequence_number`), and
-    while it runs this request everything it sends reaches this connection (iopub, and our own
-    replies; it answers no one else's requests meanwhile). So after a break, the numbers from
-    the last message before it up to this request's last one must all arrive, in any order;
-    a hole means a lost message. With no numbers, a break always counts as a possible loss.
+    After a break the server replays what it buffered once it saw the break, not what was on
+    the wire then, and nothing at all if other connections to the kernel were open (they got
+    it). The kernel numbers what it sends (`sequence_number`), so the first number that arrives
+    after a reconnect bounds what went missing: every number between it and the last ones seen
+    before the break must still arrive (the kernel's threads may send a few out of order). A
+    kernel also spends numbers on messages that reach only other clients (replies to their
+    control requests) or no one, so a gap says that output *may* be missing: the answer is
+    marked `truncated`. Not checked: output of forked subprocesses (their own pid). Kernels
+    that do not number their messages: a break always counts as a possible loss.
     """
 
     def __init__(self) -> None:
-        self.sender: str | None = None  # the kernel process that runs the request
-        self.highest: dict[str, int] = {}  # the highest number seen, per sender
+        self.sender: str | None = None  # the kernel process running the request
+        self.own_seen = False
+        self.first = -1  # the number of the request's first message
+        self.highest = -1  # the highest number of `sender` seen
+        self.recent: set[int] = set()  # numbers seen within SEQUENCE_SLACK of `highest`
         self.broken = False
-        self.unknown = False  # numbers cannot tell (none, or too many out of order)
-        self.complete_to: int | None = None  # after a break: every number up to here arrived
-        self.ahead: set[int] = set()  # after a break: numbers that arrived past a hole
-        self.last_own = -1  # the number of this request's latest message
+        self.unbounded = False  # a break that no later number of `sender` has bounded yet
+        self.missing: set[int] = set()  # numbers that went missing around a break, awaited
+        self.unknown = False  # a break that numbers cannot account for
 
     @property
     def lost(self) -> bool:
-        if not self.broken:
-            return False
-        if self.unknown or self.complete_to is None:
-            return True
-        return self.complete_to < self.last_own
-
-    def from_running_process(self, message: dict[str, Any]) -> bool:
-        numbered = protocol.sequence_number(message)
-        return numbered is not None and numbered[0] == self.sender
+        return self.broken and (self.unknown or self.unbounded or bool(self.missing))
 
     def broke(self) -> None:
-        if not self.broken:
-            self.broken = True
-            if self.sender is not None:
-                self.complete_to = self.highest.get(self.sender)
+        self.broken = True
+        if self.sender is None:
+            # Nothing numbered of the request yet: fine if its first message (`busy`) comes.
+            self.unknown |= self.own_seen
+            self.unbounded = True
+            return
+        if not self.unbounded:
+            # Numbers just below the highest that have not come may have been on the wire.
+            self.missing.update(n for n in range(max(self.first, self.highest - SEQUENCE_SLACK),
+                                                 self.highest) if n not in self.recent)
+        self.unbounded = True
 
     def note(self, message: dict[str, Any], own: bool) -> None:
         numbered = protocol.sequence_number(message)
+        self.own_seen |= own
         if numbered is None:
             self.unknown |= own and self.broken
             return
         sender, number = numbered
-        if self.sender is None and own:
-            self.sender = sender
-            if self.broken:
-                # Nothing of this request came before the break: it is all here if this is
-                # its first message (`busy`), and nothing after it is missing.
-                if message.get("msg_type") == "status" and \
-                        message["content"].get("execution_state") == "busy":
-                    self.complete_to = number - 1
-                else:
-                    self.unknown = True
+        if self.sender is None:
+            if not own:
+                return
+            self.sender, self.first = sender, number
+            if self.unbounded:  # the break came before anything of this request
+                self.unbounded = False
+                self.unknown |= not (message.get("msg_type") == "status" and
+                                     message["content"].get("execution_state") == "busy")
+            self.highest = number - 1
         if sender != self.sender:
-            if not self.broken:
-                self.highest[sender] = max(number, self.highest.get(sender, -1))
             return
-        if own:
-            self.last_own = max(self.last_own, number)
-        if not self.broken:
-            self.highest[sender] = max(number, self.highest.get(sender, -1))
-        elif self.complete_to is not None and number > self.complete_to:
-            self.ahead.add(number)
-            while self.complete_to + 1 in self.ahead:
-                self.complete_to += 1
-                self.ahead.discard(self.complete_to)
-            if len(self.ahead) > MAX_OUT_OF_ORDER:
+        if self.unbounded and number > self.highest:
+            self.unbounded = False
+            if number - self.highest - 1 > MAX_GAP:
                 self.unknown = True
-                self.ahead.clear()
+            else:
+                self.missing.update(range(self.highest + 1, number))
+        self.missing.discard(number)
+        if number > self.highest:
+            self.highest = number
+            self.recent = {n for n in self.recent if n >= number - SEQUENCE_SLACK}
+        self.recent.add(number)
 
 
 def _attempt(action: Callable[[], None]) -> bool:
@@ -502,10 +526,10 @@ def _cancel_error(outcome: str) -> dict[str, Any]:
 def _crash_error(state: str, crash_wait: float, ran: bool,
                  restart_asked: bool = False) -> dict[str, Any]:
     if restart_asked and state == "restarted":
+        what = "while running this code" if ran else "before this code started, which did not run"
         return {"ename": "KernelRestarted",
                 "evalue": "the kernel was restarted on request (POST /restart_kernel, or another "
-                          "client of the Jupyter server) while running this code: its state is "
-                          "lost",
+                          f"client of the Jupyter server) {what}: its state is lost",
                 "traceback": []}
     if state == "shutdown":
         return {"ename": "KernelDied",
