@@ -54,8 +54,9 @@ timeout = 30
 graceful_timeout = int(_settings.execution_timeout + INTERRUPT_GRACE_SECONDS) + 10
 
 # Recycle each worker after about this many requests (jittered, so that workers don't restart
-# together): a bound on slow leaks. A recycled worker's pooled kernels are shut down and its
-# replacement refills the pool.
+# together): a bound on slow leaks. The worker class recycles only when no request or job runs
+# in it (app/worker.py). A recycled worker's pooled kernels are shut down and its replacement
+# refills the pool.
 max_requests = 10000
 max_requests_jitter = 1000
 

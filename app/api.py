@@ -64,7 +64,11 @@ def execute_code() -> Any:
     if body.get("stream", _prefers_ndjson()):
         execution = kernels().begin_execution(kernel_id, code, timeout,
                                               poll=client_gone(request.environ))
-        return ndjson_response(execution, request.environ)
+        try:
+            return ndjson_response(execution, request.environ)
+        except BaseException:
+            execution.close()  # no response will close it
+            raise
     return kernels().execute_code(kernel_id, code, timeout)
 
 

@@ -7,6 +7,7 @@ or stack traces.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -100,6 +101,13 @@ def register_error_handlers(app: Flask) -> None:
     def _job_store_error(err: JobStoreError) -> tuple[Response, int]:
         log.error("the job store cannot be used", reason=str(err))
         return error_response(503, "jobs_unavailable", f"async jobs are unavailable: {err}")
+
+    @app.errorhandler(sqlite3.Error)
+    def _job_store_failure(err: sqlite3.Error) -> tuple[Response, int]:
+        # The only database is the job store: locked past its busy timeout, disk full, ...
+        log.error("the job store failed", reason=str(err), error_class=type(err).__name__)
+        return error_response(503, "jobs_unavailable",
+                              f"the job store failed ({err}); try again later")
 
     @app.errorhandler(ValidationError)
     def _validation_error(err: ValidationError) -> tuple[Response, int]:

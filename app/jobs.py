@@ -16,7 +16,7 @@ What keeps a job honest:
   `LOST_AFTER_SECONDS`) is reported `lost`, never `running` forever. Writes are conditional,
   so a job marked `lost` never turns `running` again, and its real end, if it comes, wins;
 - a worker that stops gracefully (SIGTERM, or gunicorn's `max_requests` recycling) first
-  finishes its jobs (`finish_jobs`, called by the worker class in `app/worker.py`);
+  finishes its jobs (the worker class in `app/worker.py` waits while `jobs_running()`);
 - a finished job is kept `retention` seconds, then forgotten (404).
 """
 
@@ -49,7 +49,7 @@ RUNNING = "running"
 LOST = "lost"
 FAILED = "failed"
 
-_RUNNERS: weakref.WeakSet[JobRunner] = weakref.WeakSet()  # for finish_jobs()
+_RUNNERS: weakref.WeakSet[JobRunner] = weakref.WeakSet()  # for jobs_running()
 
 
 class JobStoreError(Exception):
@@ -204,7 +204,7 @@ class JobRunner:
         try:
             submitted = self.store.create(job_id, kernel_id, _owner(), _empty_answer())
             context = contextvars.copy_context()  # log lines keep the submitting request's id
-            # A daemon: a stopping worker waits for its jobs in finish_jobs(), not at exit.
+            # A daemon: a stopping worker waits for its jobs (app/worker.py), not at exit.
             threading.Thread(target=context.run, daemon=True, name=f"job-{job_id[:8]}",
                              args=(self._run, job_id, kernel_id, code, timeout)).start()
             self._start_heart()
@@ -341,20 +341,15 @@ def jobs_running() -> bool:
     return any(runner.running() for runner in list(_RUNNERS))
 
 
-def finish_jobs(notify: Callable[[], None], limit: float) -> None:
-    """Waits (at most `limit` seconds) until this process runs no job, calling `notify`
-    every second: a stopping gunicorn worker calls it so that its jobs end, not get lost.
-    """
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and jobs_running():
-        notify()
-        time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
-
-
 def _check_private_file(path: Path) -> None:
     """Creates `path` (0600) or checks that the existing file is this user's and private."""
     if not path.parent.is_dir():
         raise JobStoreError(f"JUPYTER_JOB_STORE: the directory {path.parent} does not exist")
+    directory = path.parent.stat()
+    if directory.st_uid not in (os.getuid(), 0) or directory.st_mode & 0o022:
+        # SQLite opens `<store>-wal` and `<store>-shm` there: files someone else could plant.
+        raise JobStoreError(f"JUPYTER_JOB_STORE: other users can write to {path.parent}; put "
+                            "the store in a directory only this user can write")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except IsADirectoryError:

@@ -1,36 +1,91 @@
-"""The gunicorn worker class: gthread, and async jobs are not cut short by a worker stopping.
+"""The gunicorn worker class: gthread, with executions and async jobs never cut short by the
+worker recycling itself.
 
-- gunicorn recycles a worker after `max_requests` requests, and starts its replacement only
-  once the old process has exited. A worker running jobs therefore puts its recycling off
-  until its jobs are done, and keeps serving meanwhile.
-- On a shutdown (SIGTERM) gthread waits for the requests in flight; async jobs are not
-  requests, so this class waits for them afterwards, heartbeating so that gunicorn does not
-  take the wait for a hang. The shutdown still ends at gunicorn's `graceful_timeout`; a job cut
-  short then reads `lost`.
+- gunicorn recycles a worker after `max_requests` requests, stopping it at once and starting
+  its replacement once the old process has exited; gthread then gives requests in flight
+  `graceful_timeout` to finish, and async jobs (not requests) none. This worker recycles only
+  at a moment when it runs no request and no job (it checks once a second, in its main loop,
+  which is the only place that takes new requests), and keeps serving until then.
+- On a shutdown (SIGTERM), or when a request came in just as the worker recycled, gthread waits
+  for the requests in flight; this class then waits for whatever still runs (requests past
+  `graceful_timeout`, jobs), heartbeating so that gunicorn does not take the wait for a hang,
+  for as long as an execution may last. gunicorn's arbiter still ends a shutdown at its
+  `graceful_timeout`; a job cut short then reads `lost`.
+- Request threads that end after the main loop closed do not write to its closed wake-up pipe
+  (whose descriptor number may belong to something else by then).
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from typing import Any
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import PollableMethodQueue, ThreadWorker
 
-from app.jobs import finish_jobs, jobs_running
+from app.jobs import jobs_running
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 
 WORKER_CLASS = "app.worker.JobFinishingThreadWorker"
 
 
+class _MethodQueue(PollableMethodQueue):
+    """gthread's wake-up queue, which ignores what is deferred to it once it is closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            super().close()
+
+    def defer(self, callback: Any, *args: Any) -> None:
+        with self._lock:
+            if not self._closed:
+                super().defer(callback, *args)
+
+
 class JobFinishingThreadWorker(ThreadWorker):
-    """gunicorn's gthread worker that lets its jobs end before it exits."""
+    """gunicorn's gthread worker that lets its executions and jobs end before it exits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.method_queue = _MethodQueue()
+        # Recycling is decided in `notify`; gunicorn's own check would stop the worker however
+        # busy it is.
+        self.recycle_after = self.max_requests
+        self.max_requests = sys.maxsize
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
 
     def handle_request(self, req: Any, conn: Any) -> Any:
-        if jobs_running() and self.nr + 1 >= self.max_requests:
-            self.max_requests = self.nr + 2  # recycle after the jobs, not during them
-        return super().handle_request(req, conn)
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def busy(self) -> bool:
+        """True while a request or an async job runs in this worker."""
+        return self._in_flight > 0 or jobs_running()
+
+    def notify(self) -> None:
+        super().notify()
+        if self.alive and self.nr >= self.recycle_after and not self.busy():
+            self.log.info("Autorestarting worker: max_requests reached, nothing running")
+            self.alive = False
 
     def run(self) -> None:
         super().run()
         settings = self.wsgi.config["SETTINGS"]
-        finish_jobs(self.notify, settings.max_execution_timeout + INTERRUPT_GRACE_SECONDS
-                    + settings.kernel_start_timeout)
+        deadline = time.monotonic() + (settings.max_execution_timeout + INTERRUPT_GRACE_SECONDS
+                                       + settings.kernel_start_timeout)
+        while self.busy() and time.monotonic() < deadline:
+            super().notify()
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))

@@ -193,6 +193,29 @@ def test_a_job_store_planted_as_a_symlink_is_refused(settings, kernel, tmp_path)
     assert "symbolic links" in body["message"]
 
 
+def test_a_job_store_in_a_directory_others_can_write_is_refused(settings, kernel, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp: anyone could plant its -wal and -shm files
+    http = create_app(settings.replace(job_store=str(shared / "jobs.sqlite3"))).test_client()
+    status, body = post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})
+    assert status == 503 and body["error"] == "jobs_unavailable"
+    assert "other users can write" in body["message"]
+    assert not (shared / "jobs.sqlite3").exists()
+
+
+def test_a_job_store_that_fails_answers_503_not_500(settings, kernel, tmp_path):
+    broken = tmp_path / "jobs.sqlite3"
+    broken.write_bytes(b"this is not a database " * 100)
+    broken.chmod(0o600)
+    http = create_app(settings.replace(job_store=str(broken))).test_client()
+    status, body = post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})
+    assert status == 503 and body["error"] == "jobs_unavailable", body
+    assert "try again later" in body["message"]
+    status, answer = post(http, "/execute_code", {"id": kernel, "code": "2 + 2"})
+    assert status == 200 and answer["status"] == "ok"  # plain executions are still served
+
+
 @pytest.mark.parametrize("where", ["missing-dir/jobs.sqlite3", "."])
 def test_a_job_store_path_that_cannot_be_a_file_is_a_settings_error(settings, tmp_path, where):
     from app.settings import SettingsError
@@ -216,7 +239,8 @@ def test_a_worker_due_for_recycling_finishes_its_jobs_and_keeps_serving(jupyter_
     must keep answering meanwhile (a replacement starts only once the old worker exits).
     """
     config = tmp_path / "gunicorn.conf.py"
-    config.write_text("max_requests = 4\nmax_requests_jitter = 0\n")
+    # Every request reaches max_requests, the submission too.
+    config.write_text("max_requests = 1\nmax_requests_jitter = 0\n")
     store = str(tmp_path / "jobs.sqlite3")
     with proxy_for(jupyter_server, "--workers", "1", "--gunicorn-config", str(config),
                    env={"JUPYTER_JOB_STORE": store}) as proxy:
