@@ -12,8 +12,9 @@ A client that goes away mid-stream must not leave its code running unseen: the p
 when a write fails, and while the kernel is silent (or the execution waits for the kernel) it
 peeks at the client's socket every half second (gunicorn hands it over as `gunicorn.socket`;
 a client that half-closes its side after the request counts as gone). A client that stays
-connected but stops reading is given `STALLED_WRITE_SECONDS` per 64 KiB write, then counts as gone
-too, so that it cannot hold the kernel past the deadline. Either way the execution is closed,
+connected but stops reading is given `STALLED_WRITE_SECONDS` per 64 KiB write (while its code
+runs, no later than the deadline and the interrupt grace), then counts as gone too, so that
+it cannot hold the kernel past the deadline. Either way the execution is closed,
 which interrupts the kernel (see `Execution.close`).
 """
 
@@ -23,6 +24,7 @@ import contextlib
 import json
 import select
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +32,7 @@ from flask import Response, stream_with_context
 
 from app import logs
 from app.errors import failure_body
+from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.kernels.manager import Execution
 
 NDJSON = "application/x-ndjson"
@@ -52,7 +55,10 @@ def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None)
         try:
             yield b""  # the headers, now
             for update in execution.updates():
-                yield from _pieces(_line(update))
+                for piece in _pieces(_line(update)):
+                    if isinstance(sock, socket.socket):
+                        sock.settimeout(_write_timeout(execution))
+                    yield piece
         except Exception as err:  # noqa: BLE001 - the status is sent: say it in the stream
             yield _line({"type": "failure", **failure_body(err)})
         finally:
@@ -89,6 +95,17 @@ def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
             return True  # reset by the peer
 
     return gone
+
+
+def _write_timeout(execution: Execution) -> float:
+    """How long one write may block: `STALLED_WRITE_SECONDS`, but while the code runs (and
+    holds the kernel) no later than its deadline and interrupt grace, so that a client that
+    reads slowly cannot hold the kernel much past the deadline either.
+    """
+    if execution.answer is not None:
+        return STALLED_WRITE_SECONDS
+    left = execution.deadline + INTERRUPT_GRACE_SECONDS - time.monotonic()
+    return max(min(STALLED_WRITE_SECONDS, left), 1.0)
 
 
 def _pieces(line: bytes) -> Iterator[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -216,6 +217,37 @@ def test_a_client_that_stops_reading_cannot_hold_the_kernel_past_the_deadline(pr
         assert answer["status"] == "ok", answer
         assert waited < 30, f"the stalled stream held the kernel {waited:.0f} s"
     finally:
+        client.close()
+
+
+def test_a_client_that_reads_slowly_cannot_hold_the_kernel_past_the_deadline(proxy, kernel_id):
+    """Reading a little all the time never trips the per-write stall timeout; past the code's
+    deadline (and its interrupt grace) a write gets a second at most. (More output than the
+    cap and the socket buffers hold: the stream is still writing when the deadline passes.)"""
+    execute(proxy, kernel_id, "kept = 1")
+    code = ("import sys, time\nfor _ in range(200): sys.stdout.write('x' * 65536 + '\\n')\n"
+            "sys.stdout.flush()\nwhile True: time.sleep(0.05)")
+    client = raw_stream_request(proxy, {"id": kernel_id, "code": code, "timeout": 3},
+                                SO_RCVBUF=4096)
+    stop = threading.Event()
+
+    def read_slowly() -> None:  # about 16 KB/s: a 64 KiB write takes 4 s, well within 10 s
+        with contextlib.suppress(OSError):
+            while not stop.is_set() and client.recv(4096):
+                time.sleep(0.25)
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        answer = requests.post(f"{proxy.url}/execute_code", timeout=120, json={
+            "id": kernel_id, "code": "kept", "timeout": 100}).json()
+        waited = time.monotonic() - started
+        assert answer["status"] == "ok", answer
+        assert waited < 30, f"the slow reader held the kernel {waited:.0f} s"
+    finally:
+        stop.set()
         client.close()
 
 
