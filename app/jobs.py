@@ -42,7 +42,8 @@ from app.kernels.manager import Execution, KernelManager
 from app.logs import StructuredLogger
 
 SAVE_SECONDS = 0.5
-SAVE_BYTES_PER_SECOND = 20 * 1024 * 1024  # a 10 MiB answer is saved every second or so
+SAVE_BYTES_PER_SECOND = 1024 * 1024  # store writes per running job, about (a save is whole)
+PROGRESS_BUSY_SECONDS = 0.5  # a progress save waits this long at most for a busy store
 HEARTBEAT_SECONDS = 2.0
 LOST_AFTER_SECONDS = 30.0  # no heartbeat for this long: the worker is gone (any host)
 RUNNING = "running"
@@ -92,11 +93,11 @@ class SqliteJobStore:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, busy_timeout: float = 10.0) -> Iterator[sqlite3.Connection]:
         """A connection in autocommit mode, closed after use."""
         if not self._ready:
             self._create()
-        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
         try:
             yield db
         finally:
@@ -130,7 +131,8 @@ class SqliteJobStore:
         return now
 
     def save_progress(self, job_id: str, answer: dict[str, Any]) -> None:
-        with self._connect() as db:
+        # Best effort, in the job's own thread: a busy store must not hold the execution.
+        with self._connect(busy_timeout=PROGRESS_BUSY_SECONDS) as db:
             db.execute("UPDATE jobs SET answer = ?, heartbeat = ? WHERE id = ? AND status = ?",
                        (json.dumps(answer), time.time(), job_id, RUNNING))
 

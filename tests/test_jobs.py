@@ -273,6 +273,29 @@ def test_a_worker_due_for_recycling_finishes_its_jobs_and_keeps_serving(jupyter_
         requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
 
 
+def test_a_progress_save_gives_up_quickly_on_a_busy_store(tmp_path):
+    """Progress saves run in the job's thread: a store locked by another writer must delay the
+    execution by a moment, not by the 10 s an end or a submission may wait."""
+    import sqlite3
+
+    from app.jobs import PROGRESS_BUSY_SECONDS, SqliteJobStore
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", retention=60)
+    store.create("j", "k", "here:1", {"stdout": ""})
+    writer = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another worker's long write
+    try:
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.save_progress("j", {"stdout": "so far"})
+        assert time.monotonic() - started < PROGRESS_BUSY_SECONDS + 1
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    store.save_progress("j", {"stdout": "so far"})
+    assert store.get("j")["answer"]["stdout"] == "so far"
+
+
 def test_a_job_marked_lost_never_turns_running_again_but_its_real_end_wins(tmp_path):
     from app.jobs import LOST, SqliteJobStore
 
