@@ -100,6 +100,7 @@ def test_segfault_is_reported_as_crashed_within_seconds(http, kernel):
     answer = run(http, kernel, "import ctypes; ctypes.string_at(0)", timeout=60)
     assert time.monotonic() - started < 15
     assert answer["status"] == "crashed"
+    assert "did not run" not in answer["error"]["evalue"]  # it did: it crashed the kernel
     assert value(run(http, kernel, "1 + 1")) == "2"
 
 

@@ -526,7 +526,8 @@ def _cancel_error(outcome: str) -> dict[str, Any]:
 def _crash_error(state: str, crash_wait: float, ran: bool,
                  restart_asked: bool = False) -> dict[str, Any]:
     if restart_asked and state == "restarted":
-        what = "while running this code" if ran else "before this code started, which did not run"
+        what = "while running this code" if ran else \
+            "before it said it started this code (it may have run in part, or not at all)"
         return {"ename": "KernelRestarted",
                 "evalue": "the kernel was restarted on request (POST /restart_kernel, or another "
                           f"client of the Jupyter server) {what}: its state is lost",
@@ -543,5 +544,9 @@ def _crash_error(state: str, crash_wait: float, ran: bool,
     if ran:
         what = "the kernel died while running this code and its state is lost"
     else:
-        what = "the kernel died before this code started, which did not run; its state is lost"
+        # Its `busy` never came: the code was queued behind a death, or crashed the kernel at
+        # once, before the kernel's output thread sent anything.
+        what = ("the kernel died before it said it started this code (it may have run in part, "
+                "or not at all: code that crashes the kernel at once looks the same); its state "
+                "is lost")
     return {"ename": "KernelDied", "evalue": f"{what}; {after}", "traceback": []}
