@@ -51,11 +51,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     logger = StructuredLogger("app")
     client = JupyterClient(settings, logger.child("upstream"))
-    # Executions waiting for one busy kernel each hold a worker thread: one thread at least
-    # stays free for everything else (other kernels, /health, job polls).
-    queue_cap = max(settings.proxy_threads - 2, 1)
-    max_queued = min(settings.max_queued_executions or queue_cap, queue_cap)
-    manager = KernelManager(client, logger.child("kernels"), max_queued=max_queued)
+    manager = KernelManager(client, logger.child("kernels"))
     app.extensions["kernel_manager"] = manager
     app.extensions["jobs"] = _job_runner(settings, manager, logger.child("jobs"))
     if settings.pool_size:

@@ -58,12 +58,8 @@ def test_executions_past_the_queue_limit_are_refused_at_once(settings, kernel):
             "'first'", "'second'"]
 
 
-@pytest.mark.parametrize("limits", [
-    {"max_queued_executions": 1},
-    {"max_queued_executions": 16, "proxy_threads": 3},  # waiters leave a thread free
-], ids=["queue-setting", "threads"])
-def test_kernel_busy_is_a_429_over_http(settings, kernel, limits):
-    http = create_app(settings.replace(**limits)).test_client()
+def test_kernel_busy_is_a_429_over_http(settings, kernel):
+    http = create_app(settings.replace(max_queued_executions=1)).test_client()
     app_manager = http.application.extensions["kernel_manager"]
     blockers = [threading.Thread(target=app_manager.execute_code,
                                  args=(kernel, "import time; time.sleep(1.5)")),

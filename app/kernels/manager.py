@@ -78,23 +78,19 @@ class KernelManager:
     """Starts kernels, executes code on them and shuts them down, blocking, with deadlines."""
 
     def __init__(self, client: JupyterClient, logger: StructuredLogger | None = None,
-                 pool_size: int | None = None, max_queued: int | None = None) -> None:
-        """`pool_size` ready kernels are kept (default: the `pool_size` setting); `max_queued`
-        executions may wait for one kernel (default: the `max_queued_executions` setting).
-        """
+                 pool_size: int | None = None) -> None:
+        """`pool_size` ready kernels are kept (default: the `pool_size` setting)."""
         self.client = client
         self.settings = client.settings
         self.logger = logger or StructuredLogger(__name__)
         self._pool_size = self.settings.pool_size if pool_size is None else pool_size
-        self._max_queued = self.settings.max_queued_executions if max_queued is None \
-            else max_queued
         self._set_up_process_state()
         # A forked child (gunicorn's preload_app) must not share our websockets, pool or locks.
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
 
     def _set_up_process_state(self) -> None:
         """What belongs to one process: warm websockets, ready kernels, thread locks."""
-        self._locks = KernelLocks(self.client.base_url, self._max_queued)
+        self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions)
         self._channels = ChannelCache(self.settings.max_idle_connections,
                                       used_elsewhere=self._used_by_another_process)
         self._pool = KernelPool(self._pool_size, self.settings.kernel_name,
