@@ -14,7 +14,7 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.jobs import JobStoreError
+from app.jobs import JobStoreError, WorkerStopping
 from app.kernels import errors as kernel_errors
 from app.logs import StructuredLogger
 from app.metrics import metrics
@@ -101,6 +101,10 @@ def register_error_handlers(app: Flask) -> None:
     def _job_store_error(err: JobStoreError) -> tuple[Response, int]:
         log.error("the job store cannot be used", reason=str(err))
         return error_response(503, "jobs_unavailable", f"async jobs are unavailable: {err}")
+
+    @app.errorhandler(WorkerStopping)
+    def _worker_stopping(err: WorkerStopping) -> tuple[Response, int]:
+        return error_response(503, "jobs_unavailable", str(err))
 
     @app.errorhandler(sqlite3.Error)
     def _job_store_failure(err: sqlite3.Error) -> tuple[Response, int]:

@@ -57,6 +57,18 @@ class JobStoreError(Exception):
     """The job store cannot be used (its path, its permissions)."""
 
 
+class WorkerStopping(Exception):
+    """This worker is stopping (recycled or shut down) and takes no new job."""
+
+
+_stopping = threading.Event()
+
+
+def stop_taking_jobs() -> None:
+    """From now on this process refuses new jobs (its worker is stopping)."""
+    _stopping.set()
+
+
 class JobStore(Protocol):
     """Where jobs live. Times are epoch seconds; `answer` is the execute_code answer so far."""
 
@@ -197,6 +209,9 @@ class JobRunner:
         a kernel the server does not have), so that a job that is accepted can run.
         """
         timeout = self.manager.check_request(kernel_id, code, timeout)
+        if _stopping.is_set():
+            raise WorkerStopping("this worker is restarting and takes no new job; submit it "
+                                 "again")
         self.manager.describe_kernel(kernel_id)  # KernelNotFound now, not later
         job_id = str(uuid.uuid4())
         with self._lock:

@@ -79,7 +79,8 @@ STREAM = {"type": "array", "items": {"$ref": "#/components/schemas/StreamLine"},
           "description": "one JSON object per line; the last is `result` or `failure`"}
 KERNEL_NOT_FOUND = "`kernel_not_found`: the Jupyter server has no kernel with this id"
 JOBS_UNAVAILABLE = ("`jobs_unavailable`: async executions have no usable store (set "
-                    "JUPYTER_JOB_STORE; the message says what is wrong)")
+                    "JUPYTER_JOB_STORE), or this worker is stopping (submit again); the "
+                    "message says which")
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(

@@ -11,6 +11,8 @@ worker recycling itself.
   `graceful_timeout`, jobs), heartbeating so that gunicorn does not take the wait for a hang,
   for as long as an execution may last. gunicorn's arbiter still ends a shutdown at its
   `graceful_timeout`; a job cut short then reads `lost`.
+- A stopping worker takes no new job (503 `jobs_unavailable`, "submit it again": another
+  worker will): the job would keep alive a worker that no longer serves.
 - Request threads that end after the main loop closed do not write to its closed wake-up pipe
   (whose descriptor number may belong to something else by then).
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 from gunicorn.workers.gthread import PollableMethodQueue, ThreadWorker
 
-from app.jobs import jobs_running
+from app.jobs import jobs_running, stop_taking_jobs
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 
 WORKER_CLASS = "app.worker.JobFinishingThreadWorker"
@@ -62,14 +64,26 @@ class JobFinishingThreadWorker(ThreadWorker):
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
 
-    def handle_request(self, req: Any, conn: Any) -> Any:
+    def enqueue_req(self, conn: Any) -> None:
+        # Counted from here (the main loop, which also decides to recycle), not from when a
+        # thread starts on it: a request accepted meanwhile must put the recycling off.
         with self._in_flight_lock:
             self._in_flight += 1
         try:
-            return super().handle_request(req, conn)
+            super().enqueue_req(conn)
+        except BaseException:
+            self._done()
+            raise
+
+    def handle(self, conn: Any) -> Any:
+        try:
+            return super().handle(conn)
         finally:
-            with self._in_flight_lock:
-                self._in_flight -= 1
+            self._done()
+
+    def _done(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
 
     def busy(self) -> bool:
         """True while a request or an async job runs in this worker."""
@@ -80,6 +94,12 @@ class JobFinishingThreadWorker(ThreadWorker):
         if self.alive and self.nr >= self.recycle_after and not self.busy():
             self.log.info("Autorestarting worker: max_requests reached, nothing running")
             self.alive = False
+        if not self.alive:
+            stop_taking_jobs()  # a job submitted now would keep a worker that serves no one
+
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        stop_taking_jobs()
+        super().handle_exit(sig, frame)
 
     def run(self) -> None:
         super().run()

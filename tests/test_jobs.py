@@ -204,6 +204,23 @@ def test_a_job_store_in_a_directory_others_can_write_is_refused(settings, kernel
     assert not (shared / "jobs.sqlite3").exists()
 
 
+def test_a_stopping_worker_refuses_new_jobs(settings, kernel, tmp_path, monkeypatch):
+    """A job would keep a stopping worker (which serves no one) alive: another worker takes
+    it."""
+    import threading
+
+    from app import jobs
+
+    monkeypatch.setattr(jobs, "_stopping", threading.Event())
+    http = create_app(settings.replace(job_store=str(tmp_path / "jobs.sqlite3"))).test_client()
+    assert post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})[0] == 202
+    jobs.stop_taking_jobs()
+    status, body = post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})
+    assert status == 503 and body["error"] == "jobs_unavailable"
+    assert "submit it again" in body["message"]
+    assert post(http, "/execute_code", {"id": kernel, "code": "1"})[0] == 200
+
+
 def test_a_job_store_that_fails_answers_503_not_500(settings, kernel, tmp_path):
     broken = tmp_path / "jobs.sqlite3"
     broken.write_bytes(b"this is not a database " * 100)
