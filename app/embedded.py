@@ -69,7 +69,7 @@ class ServerProcess:
                  *, port: int = 0, token: str | None = None, limit_rate: bool = False) -> None:
         """`port` 0 picks a free one; `limit_rate` keeps the server's iopub rate limit."""
         self.startup_timeout = startup_timeout
-        self.logger = logger
+        self.logger = logger or StructuredLogger(__name__)
         self.token = token or secrets.token_urlsafe(32)
         self.requested_port = port
         self.limit_rate = limit_rate
@@ -127,14 +127,14 @@ class ServerProcess:
                 start_new_session=True,  # our Ctrl-C is ours to handle: stop() stops it in order
                 preexec_fn=_die_with_parent,
             )
-        self._log("info", f"{self.name} starting", server_pid=self.process.pid, url=self.url)
+        self.logger.info(f"{self.name} starting", server_pid=self.process.pid, url=self.url)
         try:
             self._wait_until_serving()
         except BaseException:
             self.stop()
             raise
         config.unlink()  # read at start-up; the token needs no copy on disk from now on
-        self._log("info", f"{self.name} ready", server_pid=self.process.pid, url=self.url)
+        self.logger.info(f"{self.name} ready", server_pid=self.process.pid, url=self.url)
         return self
 
     def _wait_until_serving(self) -> None:
@@ -160,18 +160,14 @@ class ServerProcess:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self._log("warning", f"{self.name} did not stop; killing it",
+                self.logger.warning(f"{self.name} did not stop; killing it",
                           server_pid=process.pid)
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-            self._log("info", f"{self.name} stopped", server_pid=process.pid)
+            self.logger.info(f"{self.name} stopped", server_pid=process.pid)
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-
-    def _log(self, level: str, message: str, **fields: object) -> None:
-        if self.logger is not None:
-            getattr(self.logger, level)(message, **fields)
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
@@ -198,8 +194,8 @@ class EmbeddedJupyterServer(ServerProcess):
                  logger: StructuredLogger | None = None, *, port: int = 0,
                  token: str | None = None, limit_rate: bool = False) -> None:
         """`root_dir`: where kernels start (default: a private temporary directory)."""
-        super().__init__(startup_timeout, logger or StructuredLogger(__name__), port=port,
-                         token=token, limit_rate=limit_rate)
+        super().__init__(startup_timeout, logger, port=port, token=token,
+                         limit_rate=limit_rate)
         self.root_dir = root_dir
 
     def config(self) -> str:

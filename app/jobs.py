@@ -43,7 +43,8 @@ from app.logs import StructuredLogger
 
 SAVE_SECONDS = 0.5
 SAVE_BYTES_PER_SECOND = 1024 * 1024  # store writes per running job, about (a save is whole)
-PROGRESS_BUSY_SECONDS = 0.5  # a progress save waits this long at most for a busy store
+BUSY_SECONDS = 10.0  # how long a store write waits for another worker's write, at most
+PROGRESS_BUSY_SECONDS = 0.5  # the same for a progress save (best effort, in the job's thread)
 HEARTBEAT_SECONDS = 2.0
 LOST_AFTER_SECONDS = 30.0  # no heartbeat for this long: the worker is gone (any host)
 RUNNING = "running"
@@ -105,7 +106,7 @@ class SqliteJobStore:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def _connect(self, busy_timeout: float = 10.0) -> Iterator[sqlite3.Connection]:
+    def _connect(self, busy_timeout: float = BUSY_SECONDS) -> Iterator[sqlite3.Connection]:
         """A connection in autocommit mode, closed after use."""
         if not self._ready:
             self._create()
@@ -120,7 +121,7 @@ class SqliteJobStore:
             if self._ready:
                 return
             _check_private_file(self.path)
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("""CREATE TABLE IF NOT EXISTS jobs (

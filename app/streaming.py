@@ -43,7 +43,9 @@ WRITE_BYTES = 64 * 1024
 def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None) -> Response:
     """A 200 whose body streams the execution's updates, one JSON line each."""
     sock = (environ or {}).get("gunicorn.socket")
-    if isinstance(sock, socket.socket):
+    if not isinstance(sock, socket.socket):
+        sock = None  # not gunicorn (`flask run`): writes have no timeout of ours
+    else:
         sock.settimeout(STALLED_WRITE_SECONDS)  # gunicorn resets it for the next request
 
     streaming_request_id = logs.request_id.get()
@@ -56,7 +58,7 @@ def ndjson_response(execution: Execution, environ: dict[str, Any] | None = None)
             yield b""  # the headers, now
             for update in execution.updates():
                 for piece in _pieces(_line(update)):
-                    if isinstance(sock, socket.socket):
+                    if sock is not None:
                         sock.settimeout(_write_timeout(execution))
                     yield piece
         except Exception as err:  # noqa: BLE001 - the status is sent: say it in the stream
