@@ -322,6 +322,21 @@ def test_upstream_that_never_answers_is_504(settings, silent_upstream, path, bod
     assert time.monotonic() - started < 10
 
 
+def test_a_deadline_that_ends_during_a_stalled_handshake_is_a_timeout_answer(settings,
+                                                                           silent_upstream):
+    """The code's own timeout ran out while its websocket opened: the code did not run (an
+    answer, 200), which is no fault of the server (504)."""
+    http = create_app(settings.replace(server_url=silent_upstream,
+                                       timeout_connect=5)).test_client()
+    started = time.monotonic()
+    response = http.post("/execute_code", json={"id": UNKNOWN_KERNEL, "code": "1",
+                                                "timeout": 0.3})
+    assert response.status_code == 200, response.get_json()
+    answer = response.get_json()
+    assert answer["status"] == "timeout" and "did not run" in answer["error"]["evalue"]
+    assert time.monotonic() - started < 3
+
+
 @pytest.mark.parametrize("path, body", ALL_CALLS)
 def test_upstream_that_is_not_jupyter_is_502(settings, html_upstream, path, body):
     http = create_app(settings.replace(server_url=html_upstream)).test_client()

@@ -25,7 +25,13 @@ from typing import Any
 import pytest
 
 from app.kernels import execution
-from app.kernels.errors import ConnectionLost, KernelError, UpstreamError, UpstreamUnavailable
+from app.kernels.errors import (
+    ConnectionLost,
+    KernelError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from app.kernels.execution import (
     RECONNECT_ATTEMPTS,
     RECONNECT_PAUSES,
@@ -378,6 +384,24 @@ def test_connect_timeout_is_capped_by_the_time_left(clock):
     kernel = FakeKernel(clock, [reply(), status("idle")])
     assert end_of(run(kernel)) == End()
     assert kernel.connects == [(None, 3.0)]
+
+
+def test_a_handshake_cut_short_by_the_deadline_is_a_timeout_of_code_that_did_not_run(clock):
+    clock.now = DEADLINE - 0.05  # a tiny timeout, and no warm websocket
+    kernel = FakeKernel(clock, UpstreamTimeout("the kernel websocket did not open"),
+                        connect_seconds=0.1)
+    events = run(kernel)
+    assert isinstance(events[0], Sent)
+    end = end_of(events)
+    assert end.status == "timeout" and "did not run" in end.error["evalue"]
+    assert not end.output_lost
+
+
+def test_a_slow_handshake_within_the_deadline_is_the_servers_timeout(clock):
+    kernel = FakeKernel(clock, UpstreamTimeout("the kernel websocket did not open"),
+                        connect_seconds=CONNECT_TIMEOUT)
+    events, error = run_until_raises(kernel, UpstreamTimeout)
+    assert events == [] and "did not open" in str(error)
 
 
 # -- normal completion -------------------------------------------------------------------------

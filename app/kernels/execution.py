@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from app.kernels import protocol
 from app.kernels.channel import KernelChannel
-from app.kernels.errors import ConnectionLost, KernelError, KernelNotFound
+from app.kernels.errors import ConnectionLost, KernelError, KernelNotFound, UpstreamTimeout
 
 INTERRUPT_GRACE_SECONDS = 5.0
 SETTLE_SECONDS = 2.0  # silence after the reply (or idle) that ends the wait for the other half
@@ -142,7 +142,18 @@ class _Run:
 
     def execute(self, code: str, *, timeout: float, crash_wait: float, grace: float,
                 silent: bool) -> Iterator[Event]:
-        self.channel = self.kernel.connect(None, self._time_left(self.connect_timeout))
+        deadline_first = self.deadline - self.clock() < self.connect_timeout
+        try:
+            self.channel = self.kernel.connect(None, self._time_left(self.connect_timeout))
+        except UpstreamTimeout:
+            if not deadline_first:
+                raise  # the server was slow, whatever the code's deadline
+            yield Sent()  # nothing was: the code's own deadline cut the handshake short
+            yield End("timeout", {
+                "ename": "ExecutionTimeout",
+                "evalue": f"the kernel websocket did not open within the {timeout:g} s "
+                          "deadline; this code did not run", "traceback": []})
+            return
         self.session_id = self.channel.session_id
         request = protocol.execute_request(code, self.session_id, silent)
         self.msg_id = request["header"]["msg_id"]
