@@ -1,19 +1,29 @@
-"""Kernel websockets against real peers: handshake failures become the right errors."""
+"""Kernel websockets against real peers: handshake failures become the right errors, and the
+encoding (v1, or legacy JSON) is the one the server chose."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from app import JupyterClient
+from app import JupyterClient, KernelManager, Settings
+from app.embedded import EmbeddedJupyterServer
 from app.kernels import (
     KernelNotFound,
     UpstreamAuthError,
+    UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from app.kernels import protocol
+from app.kernels.channel import KernelChannel
 
 
 def test_channel_exchanges_messages_with_a_real_kernel(settings, shared_kernel):
@@ -96,44 +106,98 @@ def test_warm_websocket_notices_its_kernel_was_shut_down_elsewhere(settings, man
 def test_pings_do_not_stretch_a_receive_past_its_timeout():
     """A server that pings without end must not keep recv() waiting: each ping restarts the
     socket's own timeout, so the channel keeps its own deadline."""
-    import base64
-    import hashlib
-    import socket
-    import threading
 
-    from app.kernels.channel import KernelChannel
+    def ping_forever(conn: socket.socket, stop: threading.Event) -> None:
+        while not stop.wait(0.05):
+            conn.sendall(b"\x89\x00")  # an empty ping frame
 
+    with fake_websocket_server(then=ping_forever) as url:
+        channel = KernelChannel.open(url, "k", [], timeout=5)
+        try:
+            started = time.monotonic()
+            assert channel.recv(0.5) is None
+            assert time.monotonic() - started < 2
+        finally:
+            channel.close()
+
+
+# -- the v1 websocket protocol ---------------------------------------------------------------
+
+def test_channel_speaks_v1_to_a_server_that_offers_it(settings, shared_kernel, manager):
+    with JupyterClient(settings) as client, client.open_channel(shared_kernel) as channel:
+        assert channel.v1
+    # Non-ASCII text in every part of the messages (v1 frames carry raw UTF-8 JSON).
+    answer = manager.execute_code(shared_kernel, "print('héllo ✓'); x = '日本'; x")
+    assert answer["status"] == "ok", answer
+    assert answer["stdout"] == "héllo ✓\n"
+    assert answer["outputs"][0]["data"]["text/plain"] == "'日本'"
+
+
+class LegacyProtocolServer(EmbeddedJupyterServer):
+    """A jupyter_server that speaks only the legacy JSON encoding on kernel websockets, as
+    servers without the v1 protocol do (they choose no subprotocol)."""
+
+    def config(self) -> str:
+        return super().config() + 'c.ZMQChannelsWebsocketConnection.kernel_ws_protocol = ""\n'
+
+
+def test_server_without_v1_is_spoken_to_in_json():
+    with LegacyProtocolServer(startup_timeout=120) as server:
+        settings = Settings(server_url=server.url, token=server.token)
+        with KernelManager(JupyterClient(settings)) as manager:
+            kernel_id = manager.start_kernel()["id"]
+            with manager.client.open_channel(kernel_id) as channel:
+                assert not channel.v1
+            answer = manager.execute_code(kernel_id, "print('é'); 1 + 1")
+            assert answer["status"] == "ok", answer
+            assert answer["stdout"] == "é\n"
+            assert answer["outputs"][0]["data"]["text/plain"] == "2"
+            failed = manager.execute_code(kernel_id, "1 / 0")
+            assert failed["status"] == "error" and failed["error"]["ename"] == "ZeroDivisionError"
+            manager.shutdown_kernel(kernel_id)
+
+
+def test_a_subprotocol_the_proxy_did_not_offer_is_refused():
+    with fake_websocket_server(subprotocol=b"something.else") as url, \
+            pytest.raises(UpstreamError, match="unknown websocket subprotocol"):
+        KernelChannel.open(url, "k", [], timeout=5)
+
+
+@contextlib.contextmanager
+def fake_websocket_server(subprotocol: bytes | None = None,
+                          then: Callable[[socket.socket, threading.Event], None] | None = None,
+                          ) -> Iterator[str]:
+    """A one-connection websocket server: it completes the handshake (choosing `subprotocol`
+    if given), then runs `then(connection, stop)` until the block ends; yields a channel URL.
+    """
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
     def serve() -> None:
         conn, _ = listener.accept()
-        request = b""
-        while b"\r\n\r\n" not in request:
-            request += conn.recv(4096)
-        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key"))
-        accept = base64.b64encode(hashlib.sha1(
-            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-        while not stop.wait(0.05):
-            try:
-                conn.sendall(b"\x89\x00")  # an empty ping frame
-            except OSError:
-                break
-        conn.close()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key"))
+            accept = base64.b64encode(hashlib.sha1(
+                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            chosen = b"Sec-WebSocket-Protocol: " + subprotocol + b"\r\n" if subprotocol else b""
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n"
+                         + chosen + b"\r\n")
+            with contextlib.suppress(OSError):
+                if then is not None:
+                    then(conn, stop)
+                else:
+                    stop.wait(30)
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    url = f"ws://127.0.0.1:{listener.getsockname()[1]}/api/kernels/k/channels"
-    channel = KernelChannel.open(url, "k", [], timeout=5)
     try:
-        started = time.monotonic()
-        assert channel.recv(0.5) is None
-        assert time.monotonic() - started < 2
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/api/kernels/k/channels"
     finally:
         stop.set()
-        channel.close()
         server.join(5)
         listener.close()

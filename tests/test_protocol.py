@@ -1,7 +1,9 @@
 """Unit tests of `app.kernels.protocol`: building requests and decoding websocket frames.
 
-Binary frames are built by hand in the layout the Jupyter server uses: a 4-byte big-endian
-count n, n 4-byte offsets, the JSON message at the first offset, then the buffers.
+Frames are built by hand in the layouts the Jupyter server uses. Legacy binary frames: a
+4-byte big-endian count n, n 4-byte offsets, the JSON message at the first offset, then the
+buffers. v1 frames: an 8-byte little-endian count n, n 8-byte offsets, then the channel, the
+header, parent header, metadata and content (JSON) and the buffers.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def binary_frame(msg: dict, *buffers: bytes) -> bytes:
         offsets.append(offsets[-1] + len(part))
     header = count.to_bytes(4, "big") + b"".join(o.to_bytes(4, "big") for o in offsets)
     return header + b"".join(parts)
+
+
+def v1_frame(msg: dict, *buffers: bytes, channel: str = "iopub") -> bytes:
+    """`msg` and its buffers in the server's v1 websocket framing."""
+    parts = [channel.encode(), *(json.dumps(msg[key]).encode() for key in
+                                 ("header", "parent_header", "metadata", "content")), *buffers]
+    offsets = [8 * (len(parts) + 2)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    return len(offsets).to_bytes(8, "little") + \
+        b"".join(o.to_bytes(8, "little") for o in offsets) + b"".join(parts)
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -117,6 +130,60 @@ def test_decode_binary_frame_without_buffers():
 def test_decode_rejects_what_is_not_a_message(frame):
     with pytest.raises(ValueError):
         protocol.decode(frame)
+
+
+def test_decode_v1_frame_reads_channel_and_parts_and_drops_the_buffers():
+    sent = message("display_data", content={"data": {"text/plain": "é ✓"}})
+    sent["metadata"] = {"isolated": True}
+    decoded = protocol.decode_v1(v1_frame(sent, b"\x00\x01binary-buffer"))
+    assert decoded["channel"] == "iopub"
+    assert decoded["msg_type"] == "display_data"
+    for key in ("header", "parent_header", "metadata", "content"):
+        assert decoded[key] == sent[key]
+    assert "buffers" not in decoded and "binary-buffer" not in json.dumps(decoded)
+
+
+def test_encode_v1_is_what_the_jupyter_server_reads():
+    from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
+
+    request = protocol.execute_request("x = 'é'", SESSION)
+    channel, parts = deserialize_msg_from_ws_v1(protocol.encode_v1(request))
+    assert channel == "shell"
+    assert [json.loads(part) for part in parts] == [
+        request["header"], request["parent_header"], request["metadata"], request["content"]]
+    decoded = protocol.decode_v1(protocol.encode_v1(request))
+    assert decoded["header"] == request["header"] and decoded["content"] == request["content"]
+
+
+def _v1(count: int, offsets: list[int], body: bytes) -> bytes:
+    return count.to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets) \
+        + body
+
+
+GOOD_V1 = v1_frame(message("status"))
+HEADER_END = 8 * 7  # six offsets after the count
+
+
+@pytest.mark.parametrize("frame", [
+    b"\x06\x00",
+    _v1(2, [24, 24], b""),
+    _v1(6, [HEADER_END, HEADER_END + 1, 99, 99, 99, 99], b"x"),   # offsets beyond the frame
+    _v1(6, [HEADER_END + 2, HEADER_END + 7, HEADER_END + 23, HEADER_END + 25, HEADER_END + 27,
+            HEADER_END + 29], b'zziopub{"msg_type":"x"}{}{}{}'),  # bytes before the channel
+    _v1(6, [HEADER_END, HEADER_END + 2, HEADER_END + 1, HEADER_END + 3, HEADER_END + 3,
+            HEADER_END + 3], b"abc"),                              # offsets going back
+    _v1(6, [HEADER_END, HEADER_END, HEADER_END + 8, HEADER_END + 10, HEADER_END + 12,
+            HEADER_END + 14], b"not json{}{}{}"),
+    _v1(6, [HEADER_END, HEADER_END, HEADER_END + 4, HEADER_END + 6, HEADER_END + 8,
+            HEADER_END + 10], b"{}{}{}{}{}"),                      # two values in one part
+    _v1(6, [HEADER_END, HEADER_END, HEADER_END + 2, HEADER_END + 4, HEADER_END + 6,
+            HEADER_END + 8], b"[]{}{}{}"),                         # a header that is no object
+    GOOD_V1[:-1],                                                  # cut short
+], ids=["short", "too-few-offsets", "beyond", "misplaced", "backwards", "not-json",
+        "two-values", "list-header", "truncated"])
+def test_decode_v1_rejects_what_is_not_a_message(frame):
+    with pytest.raises(ValueError):
+        protocol.decode_v1(frame)
 
 
 # -- reading messages ------------------------------------------------------------------------

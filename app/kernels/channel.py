@@ -7,6 +7,7 @@ across a receive timeout, so a timed-out `recv` can simply be called again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -49,10 +50,12 @@ def _ack_quickly(sock: socket.socket | None) -> None:
 class KernelChannel:
     """A websocket to one kernel's channels, speaking JSON-encoded Jupyter messages."""
 
-    def __init__(self, ws: Any, kernel_id: str, session_id: str) -> None:
+    def __init__(self, ws: Any, kernel_id: str, session_id: str, v1: bool = False) -> None:
+        """`v1`: the server chose the v1 encoding (see `protocol`), else it speaks JSON."""
         self.ws = ws
         self.kernel_id = kernel_id
         self.session_id = session_id
+        self.v1 = v1
         self._open = True
         metrics().open_websockets.inc()
 
@@ -63,11 +66,16 @@ class KernelChannel:
 
         The session id (new unless given) makes the server treat a reconnection as the same
         client and replay what it buffered for it meanwhile.
+
+        The proxy offers the v1 encoding; a server that does not know it chooses none and
+        speaks JSON. (The offer goes as a plain header: websocket-client's `subprotocols`
+        would refuse such a server's answer.)
         """
         session_id = session_id or uuid.uuid4().hex
         try:
             ws = websocket.create_connection(
-                f"{url}?session_id={session_id}", header=headers, timeout=timeout,
+                f"{url}?session_id={session_id}", timeout=timeout,
+                header=[*headers, f"Sec-WebSocket-Protocol: {protocol.V1_SUBPROTOCOL}"],
                 enable_multithread=False, skip_utf8_validation=True,
             )
         except websocket.WebSocketBadStatusException as err:
@@ -90,13 +98,22 @@ class KernelChannel:
             raise UpstreamUnavailable(
                 "cannot open a websocket to the Jupyter server", kernel_id=kernel_id
             ) from None
-        return cls(ws, kernel_id, session_id)
+        chosen = ((ws.getheaders() or {}).get("sec-websocket-protocol") or "").strip()
+        if chosen not in ("", protocol.V1_SUBPROTOCOL):
+            with contextlib.suppress(Exception):
+                ws.close(timeout=0)
+            raise UpstreamError(f"the Jupyter server chose an unknown websocket subprotocol "
+                                f"({chosen[:100]!r})", kernel_id=kernel_id)
+        return cls(ws, kernel_id, session_id, v1=chosen == protocol.V1_SUBPROTOCOL)
 
     def send(self, message: dict[str, Any]) -> None:
         """Sends one message; the connection breaking raises `ConnectionLost`."""
         try:
             self.ws.settimeout(10.0)
-            self.ws.send(protocol.encode(message))
+            if self.v1:
+                self.ws.send_binary(protocol.encode_v1(message))
+            else:
+                self.ws.send(protocol.encode(message))
         except (websocket.WebSocketException, OSError) as err:
             raise ConnectionLost("the websocket to the kernel broke while sending",
                                  kernel_id=self.kernel_id) from err
@@ -129,8 +146,9 @@ class KernelChannel:
                                      kernel_id=self.kernel_id)
         data = frame.data
         try:
-            payload = data.decode("utf-8") if opcode == websocket.ABNF.OPCODE_TEXT else data
-            return protocol.decode(payload), len(data)
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                return protocol.decode(data.decode("utf-8")), len(data)
+            return (protocol.decode_v1(data) if self.v1 else protocol.decode(data)), len(data)
         except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
             raise UpstreamError("the Jupyter server sent a websocket frame that is not a "
                                 "Jupyter message", kernel_id=self.kernel_id) from None
