@@ -2,7 +2,7 @@
 
 Run it from the repository root, in a virtualenv where `pip install -e '.[test]'` was done:
 
-    python bench/benchmark.py                 # about 2-3 minutes on 2 cores
+    python bench/benchmark.py                 # about 4 minutes on 2 cores
     python bench/benchmark.py --json out.json # also write the raw numbers
 
 It starts everything it measures and stops everything it started, on Ctrl-C and errors too:
@@ -16,14 +16,17 @@ It starts everything it measures and stops everything it started, on Ctrl-C and 
 
 What it measures, on warm kernels, executing `1+1`:
 
-1. Latency p50/p99 of one execution, interleaved in blocks so that all three see the same
-   machine: through the proxy (a minimal keep-alive HTTP/1.1 client POSTing /execute_code);
-   a direct, tuned websocket client on `/api/kernels/{id}/channels` (the reply and the
-   `status: idle` both awaited); `jupyter_client` over ZMQ. Both socket clients set
-   TCP_NODELAY and, on Linux, TCP_QUICKACK before each receive, so that their own delayed ACKs
-   don't hide (or add to) the cost being measured.
+1. Latency p50/p99 of one execution, interleaved in blocks so that all see the same machine:
+   through the proxy (a minimal keep-alive HTTP/1.1 client POSTing /execute_code); direct,
+   tuned websocket clients on `/api/kernels/{id}/channels` (the reply and the `status: idle`
+   both awaited), one in the server's default JSON encoding (issue 4's baseline: a plain
+   websocket-client connection) and one in the binary v1 encoding the proxy itself speaks
+   upstream; `jupyter_client` over ZMQ. The socket clients set TCP_NODELAY and, on Linux,
+   TCP_QUICKACK before each receive, so that their own delayed ACKs don't hide (or add to)
+   the cost being measured.
 2. Throughput: 16 client threads on 4 kernels for a fixed time, through the proxy (each thread
-   its own keep-alive connection) and then as 16 direct websocket clients (4 per kernel).
+   its own keep-alive connection), then as 16 direct websocket clients (4 per kernel) in
+   JSON, then in v1.
 3. Time from start_kernel to the first result (POST /start_kernel, then POST /execute_code),
    median: through the proxy without a pool, and through the pooled one once its pool is full.
 4. Resident memory of each gunicorn worker of the non-pooled proxy, at rest after the runs
@@ -333,14 +336,18 @@ class ProxyHttpClient:
 
 
 class DirectWebsocketClient:
-    """A tuned client of the server's kernel websocket: TCP_NODELAY, TCP_QUICKACK per recv."""
+    """A tuned client of the server's kernel websocket: TCP_NODELAY, TCP_QUICKACK per recv;
+    in the default JSON encoding, or in the binary v1 one (`v1=True`).
+    """
 
-    def __init__(self, server: EmbeddedJupyterServer, kernel_id: str) -> None:
+    def __init__(self, server: EmbeddedJupyterServer, kernel_id: str, v1: bool = False) -> None:
         self.session_id = uuid.uuid4().hex
+        self.v1 = v1
         url = (server.url.replace("http://", "ws://", 1)
                + f"/api/kernels/{kernel_id}/channels?session_id={self.session_id}")
         self.ws = websocket.create_connection(
             url, header=[f"Authorization: token {server.token}"], timeout=REQUEST_TIMEOUT,
+            subprotocols=[protocol.V1_SUBPROTOCOL] if v1 else None,
             enable_multithread=False, skip_utf8_validation=True)
         set_nodelay(self.ws.sock)
 
@@ -348,12 +355,16 @@ class DirectWebsocketClient:
         """Sends an execute_request; returns once its execute_reply and idle status arrived."""
         request = protocol.execute_request(code, self.session_id)
         request_id = request["header"]["msg_id"]
-        self.ws.send(protocol.encode(request))
+        if self.v1:
+            self.ws.send_binary(protocol.encode_v1(request))
+        else:
+            self.ws.send(protocol.encode(request))
+        decode = protocol.decode_v1 if self.v1 else protocol.decode
         replied = idle = False
         result = None
         while not (replied and idle):
             ack_quickly(self.ws.sock)
-            message = protocol.decode(self.ws.recv())
+            message = decode(self.ws.recv())
             if protocol.parent_id(message) != request_id:
                 continue  # another client's output on the same kernel
             msg_type = message["msg_type"]
@@ -518,9 +529,9 @@ def proxy_load_client(proxy: ProxyProcess, kernel_ids: list[str]):
     return connect
 
 
-def direct_load_client(server: EmbeddedJupyterServer, kernel_ids: list[str]):
+def direct_load_client(server: EmbeddedJupyterServer, kernel_ids: list[str], v1: bool):
     def connect(index: int) -> tuple[Execute, Callable[[], None]]:
-        ws_client = DirectWebsocketClient(server, kernel_ids[index % len(kernel_ids)])
+        ws_client = DirectWebsocketClient(server, kernel_ids[index % len(kernel_ids)], v1)
         return checked(ws_client.execute), ws_client.close
     return connect
 
@@ -602,13 +613,13 @@ def run_benchmark(args: argparse.Namespace, cleanup: contextlib.ExitStack,
     log("starting the proxy and the benchmark's kernels")
     proxy = start_proxy(server, args.workers, 0, log_dir / "proxy.log", cleanup)
     results["proxy_logs"] = {"proxy": str(proxy.log_path)}
-    kernels = start_kernels(server, rest, 2 + 2 * args.kernels, cleanup)
+    kernels = start_kernels(server, rest, 3 + 3 * args.kernels, cleanup)
     zmq = ZmqClient()
     cleanup.callback(zmq.close)
 
-    results["latency"] = latency_phase(args, server, proxy, kernels[:2], zmq, cleanup)
+    results["latency"] = latency_phase(args, server, proxy, kernels[:3], zmq, cleanup)
     zmq.close()
-    results["throughput"] = throughput_phase(args, server, proxy, kernels[2:], stop)
+    results["throughput"] = throughput_phase(args, server, proxy, kernels[3:], stop)
     for kernel_id in kernels:
         rest.shutdown_kernel(kernel_id)
     time.sleep(2)  # the proxies' janitors close their idle websockets to those kernels
@@ -657,18 +668,22 @@ def latency_phase(args: argparse.Namespace, server: EmbeddedJupyterServer, proxy
                   kernel_ids: list[str], zmq: ZmqClient,
                   cleanup: contextlib.ExitStack) -> dict[str, Any]:
     log(f"latency: {args.warmup} warm-up + {args.iterations} measured executions per client")
-    proxy_kernel, direct_kernel = kernel_ids
+    proxy_kernel, json_kernel, v1_kernel = kernel_ids
     http_client = ProxyHttpClient(proxy.port)
     cleanup.callback(http_client.close)
-    ws_client = DirectWebsocketClient(server, direct_kernel)
-    cleanup.callback(ws_client.close)
+    json_client = DirectWebsocketClient(server, json_kernel)
+    cleanup.callback(json_client.close)
+    v1_client = DirectWebsocketClient(server, v1_kernel, v1=True)
+    cleanup.callback(v1_client.close)
     latency = measure_latency({
         "proxy": checked(lambda: http_client.execute(proxy_kernel)),
-        "direct_websocket": checked(ws_client.execute),
+        "direct_websocket": checked(json_client.execute),
+        "direct_websocket_v1": checked(v1_client.execute),
         "zmq": checked(zmq.execute),
     }, args.warmup, args.iterations, args.block)
     http_client.close()
-    ws_client.close()
+    json_client.close()
+    v1_client.close()
     latency["proxy"]["inside"] = proxy_time_inside(proxy.log_path, proxy_kernel, args.warmup)
     return latency
 
@@ -693,18 +708,23 @@ def proxy_time_inside(log_path: Path, kernel_id: str, skip: int) -> dict[str, fl
 def throughput_phase(args: argparse.Namespace, server: EmbeddedJupyterServer,
                      proxy: ProxyProcess, kernel_ids: list[str],
                      stop: threading.Event) -> dict[str, Any]:
-    """Proxy and direct clients each get kernels of their own, so that neither run's
-    idle connections receive the other's output."""
-    proxy_kernels, direct_kernels = kernel_ids[:args.kernels], kernel_ids[args.kernels:]
+    """The proxy and each kind of direct client get kernels of their own, so that no run's
+    idle connections receive another's output."""
+    n = args.kernels
+    proxy_kernels, json_kernels, v1_kernels = \
+        kernel_ids[:n], kernel_ids[n:2 * n], kernel_ids[2 * n:3 * n]
     log(f"throughput: {args.clients} clients on {args.kernels} kernels through the proxy "
         f"for {args.duration:g} s")
     through_proxy = LoadRun(proxy_load_client(proxy, proxy_kernels), args.clients,
                             args.duration).run(stop)
-    log(f"throughput: {args.clients} direct websocket clients on {args.kernels} kernels "
-        f"for {args.duration:g} s")
-    direct = LoadRun(direct_load_client(server, direct_kernels), args.clients,
-                     args.duration).run(stop)
-    return {"proxy": through_proxy, "direct_websocket": direct}
+    results = {"proxy": through_proxy}
+    for name, kernels, v1 in (("direct_websocket", json_kernels, False),
+                              ("direct_websocket_v1", v1_kernels, True)):
+        log(f"throughput: {args.clients} direct websocket clients ({'v1' if v1 else 'JSON'}) "
+            f"on {args.kernels} kernels for {args.duration:g} s")
+        results[name] = LoadRun(direct_load_client(server, kernels, v1), args.clients,
+                                args.duration).run(stop)
+    return results
 
 
 def start_phase(proxy: ProxyProcess, samples: int,
@@ -766,36 +786,44 @@ def report(results: dict[str, Any]) -> str:
     settings, lat = results["settings"], results["latency"]
     thr, start, mem = results["throughput"], results["start"], results["memory"]
     latency_ratio = lat["proxy"]["p50"] / lat["direct_websocket"]["p50"]
+    latency_ratio_v1 = lat["proxy"]["p50"] / lat["direct_websocket_v1"]["p50"]
     throughput_ratio = thr["proxy"] / thr["direct_websocket"]
+    throughput_ratio_v1 = thr["proxy"] / thr["direct_websocket_v1"]
     pooled_median = start["pool"]["median"]
     results["ratios"] = {"latency_p50_proxy_over_direct": latency_ratio,
+                         "latency_p50_proxy_over_direct_v1": latency_ratio_v1,
                          "throughput_proxy_over_direct": throughput_ratio,
+                         "throughput_proxy_over_direct_v1": throughput_ratio_v1,
                          "pooled_start_median_ms": pooled_median}
     rest = mem["at_rest"]
     inside = lat["proxy"]["inside"]
     churned = mem["after_churn"]
     m = results["machine"]
+    none = "| - | - | - |"
     lines = [
         f"Executing `{CODE}` on warm kernels; proxy: `jupyter-kernel-proxy --workers "
         f"{settings['workers']}` (gunicorn gthread) in front of the same Jupyter server.",
         "",
-        "| measurement | proxy (HTTP keep-alive) | direct websocket (tuned) "
-        "| jupyter_client (ZMQ) |",
-        "|---|---|---|---|",
+        "| measurement | proxy (HTTP keep-alive) | direct websocket, JSON (tuned) "
+        "| direct websocket, v1 (tuned) | jupyter_client (ZMQ) |",
+        "|---|---|---|---|---|",
         f"| execute latency p50 ({settings['iterations']} runs) | {ms(lat['proxy']['p50'])} "
-        f"| {ms(lat['direct_websocket']['p50'])} | {ms(lat['zmq']['p50'])} |",
+        f"| {ms(lat['direct_websocket']['p50'])} | {ms(lat['direct_websocket_v1']['p50'])} "
+        f"| {ms(lat['zmq']['p50'])} |",
         f"| execute latency p99 | {ms(lat['proxy']['p99'])} "
-        f"| {ms(lat['direct_websocket']['p99'])} | {ms(lat['zmq']['p99'])} |",
+        f"| {ms(lat['direct_websocket']['p99'])} | {ms(lat['direct_websocket_v1']['p99'])} "
+        f"| {ms(lat['zmq']['p99'])} |",
         f"| throughput, {settings['clients']} clients on {settings['kernels']} kernels, "
         f"{settings['duration']:g} s | {thr['proxy']:.0f} exec/s "
-        f"| {thr['direct_websocket']:.0f} exec/s | - |",
+        f"| {thr['direct_websocket']:.0f} exec/s | {thr['direct_websocket_v1']:.0f} exec/s "
+        "| - |",
         f"| start_kernel + first result, median of {settings['start_samples']}, no pool "
-        f"| {ms(start['no_pool']['median'])} | - | - |",
+        f"| {ms(start['no_pool']['median'])} {none}",
         f"| start_kernel + first result, median of {settings['start_samples']}, pool of "
-        f"{settings['pool_size']} per worker | {ms(pooled_median)} | - | - |",
-        f"| RSS per worker at rest | {mib_list(rest)} | - | - |",
+        f"{settings['pool_size']} per worker | {ms(pooled_median)} {none}",
+        f"| RSS per worker at rest | {mib_list(rest)} {none}",
         f"| RSS per worker after {settings['churn_kernels']} kernels "
-        f"| {mib_list(churned)} | - | - |",
+        f"| {mib_list(churned)} {none}",
         "",
         "Where the proxy's p50 goes (medians; the first two from its own log lines):",
         "",
@@ -807,15 +835,17 @@ def report(results: dict[str, Any]) -> str:
         f"| {ms(inside['request_p50'] - inside['code_executed_p50'])} |",
         f"| gunicorn, HTTP and the client | {ms(lat['proxy']['p50'] - inside['request_p50'])} |",
         "",
-        "| target (issue 4) | measured | goal | met |",
-        "|---|---|---|---|",
+        "| target (issue 4), against the JSON client | measured | goal | met "
+        "| against the v1 client |",
+        "|---|---|---|---|---|",
         f"| proxy p50 / direct websocket p50 | {latency_ratio:.2f} | <= {TARGET_LATENCY_RATIO} "
-        f"| {verdict(latency_ratio <= TARGET_LATENCY_RATIO)} |",
+        f"| {verdict(latency_ratio <= TARGET_LATENCY_RATIO)} | {latency_ratio_v1:.2f} |",
         f"| proxy throughput / direct websocket throughput | {throughput_ratio:.2f} "
         f"| >= {TARGET_THROUGHPUT_RATIO} "
-        f"| {verdict(throughput_ratio >= TARGET_THROUGHPUT_RATIO)} |",
+        f"| {verdict(throughput_ratio >= TARGET_THROUGHPUT_RATIO)} | {throughput_ratio_v1:.2f} |",
         f"| pooled start_kernel + first result, median | {ms(pooled_median)} "
-        f"| < {TARGET_POOLED_START_MS:g} ms | {verdict(pooled_median < TARGET_POOLED_START_MS)} |",
+        f"| < {TARGET_POOLED_START_MS:g} ms | {verdict(pooled_median < TARGET_POOLED_START_MS)} "
+        "| - |",
         "",
         f"Machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, "
         f"jupyter_server {m['jupyter_server']}, ipykernel {m['ipykernel']}, "
