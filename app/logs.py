@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 from gunicorn.glogging import Logger as _GunicornBaseLogger
 
@@ -57,10 +58,15 @@ def redact(text: str) -> str:
 
 
 def register_secrets(secrets: Iterable[str]) -> None:
-    """Adds values (tokens, API keys) that must never be written to a log."""
+    """Adds values (tokens, API keys) that must never be written to a log, in every form they
+    can take in a JSON line: as they are, JSON-escaped (a quote or backslash in a key) and
+    URL-encoded (a key in a logged URL).
+    """
     global _secrets
+    forms = {form for s in secrets if s
+             for form in (s, json.dumps(s, ensure_ascii=False)[1:-1], quote(s, safe=""))}
     # Longest first, so a secret that contains another is redacted whole.
-    _secrets = tuple(sorted({*_secrets, *(s for s in secrets if s)}, key=len, reverse=True))
+    _secrets = tuple(sorted({*_secrets, *forms}, key=len, reverse=True))
 
 
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = (),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from urllib.parse import quote
 import logging
 from datetime import datetime
 
@@ -43,6 +44,16 @@ def test_registered_secrets_never_reach_a_log_line(log_stream):
     output = log_stream.getvalue()
     assert "s3cret-token-value" not in output
     assert output.count("[redacted]") == 2
+
+
+def test_secrets_are_redacted_however_a_log_line_escapes_them(log_stream):
+    odd = 'k3y"with\\odd chars+/&='
+    register_secrets([odd])
+    StructuredLogger("app.test").warning("refused", key=odd,
+                                         url=f"http://h/api?token={quote(odd, safe='')}")
+    output = log_stream.getvalue()
+    assert "k3y" not in output
+    assert json.loads(output)["key"] == "[redacted]"
 
 
 def test_formatter_renders_plain_records_too():
