@@ -38,7 +38,9 @@ KERNEL_ERROR_STATUS: list[tuple[type[kernel_errors.KernelError], int, str]] = [
 HTTP_ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 429: "too_many_requests",
-    413: "request_too_large", 415: "unsupported_media_type",
+    413: "request_too_large", 414: "uri_too_long", 415: "unsupported_media_type",
+    417: "expectation_failed", 431: "headers_too_large", 500: "internal_error",
+    501: "not_implemented",
 }
 
 log = StructuredLogger(__name__)

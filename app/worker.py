@@ -15,21 +15,38 @@ worker recycling itself.
   worker will): the job would keep alive a worker that no longer serves.
 - Request threads that end after the main loop closed do not write to its closed wake-up pipe
   (whose descriptor number may belong to something else by then).
+- A request gunicorn itself refuses (a malformed request line or header, headers too large)
+  is answered in the API's JSON error shape, not gunicorn's HTML page.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
 from typing import Any
 
+from gunicorn import util
 from gunicorn.workers.gthread import PollableMethodQueue, ThreadWorker
 
+from app.errors import HTTP_ERROR_CODES
 from app.jobs import jobs_running, stop_taking_jobs
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 
 WORKER_CLASS = "app.worker.JobFinishingThreadWorker"
+
+
+def write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
+    """What gunicorn answers to a request it cannot parse, in the API's error shape (gunicorn's
+    `util.write_error` writes an HTML page); the connection closes after it, as there.
+    """
+    code = HTTP_ERROR_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+    body = json.dumps({"error": code,
+                       "message": f"{reason}: {message}" if message else reason}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 class _MethodQueue(PollableMethodQueue):
@@ -63,6 +80,11 @@ class JobFinishingThreadWorker(ThreadWorker):
         self.max_requests = sys.maxsize
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+
+    def init_process(self) -> None:
+        # In this worker process only: gunicorn's handle_error() calls util.write_error().
+        util.write_error = write_json_error
+        super().init_process()
 
     def enqueue_req(self, conn: Any) -> None:
         # Counted from here (the main loop, which also decides to recycle), not from when a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,6 +187,29 @@ def test_chunked_body_over_the_limit_is_413(start_proxy, jupyter_server):
                              headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert response.json()["error"] == "request_too_large"
+
+
+@pytest.mark.parametrize("jupyter_server", ["jupyter_server"], indirect=True)  # proxy only
+@pytest.mark.parametrize("raw, status, code", [
+    (b"NOT A REQUEST\r\n\r\n", 400, "bad_request"),
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n", 400, "bad_request"),
+    (b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414, "uri_too_long"),
+], ids=["request-line", "header", "long-uri"])
+def test_requests_gunicorn_refuses_get_the_json_error_shape(start_proxy, jupyter_server, raw,
+                                                            status, code):
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
+                        env={"JUPYTER_TOKEN": jupyter_server.token})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(raw)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)
+    assert error["error"] == code and error["message"]
+    assert requests.get(f"{proxy.url}/health", timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("args, env, complaint", [
