@@ -48,7 +48,7 @@ def _ack_quickly(sock: socket.socket | None) -> None:
 
 
 class KernelChannel:
-    """A websocket to one kernel's channels, speaking JSON-encoded Jupyter messages."""
+    """A websocket to one kernel's channels, speaking Jupyter messages (v1 or JSON encoded)."""
 
     def __init__(self, ws: Any, kernel_id: str, session_id: str, v1: bool = False) -> None:
         """`v1`: the server chose the v1 encoding (see `protocol`), else it speaks JSON."""
