@@ -419,12 +419,17 @@ class _Run:
         return max(min(cap, self.deadline - self.clock()), 0.1)
 
     def _timeout_error(self, timeout: float, outcome: str, grace: float) -> dict[str, Any]:
+        if outcome == "not_started":
+            return {"ename": "ExecutionTimeout",
+                    "evalue": f"the kernel did not start this code within its {timeout:g} s "
+                              "deadline (it was busy with code sent by another client, or the "
+                              "deadline was shorter than the kernel takes to start code); it "
+                              "was not interrupted, and the kernel may still run the code",
+                    "traceback": []}
         what = {
             "interrupted": "the kernel was interrupted and keeps its state",
             "restarted": f"the kernel did not stop on an interrupt within {grace:g} s and was "
                          "restarted: its state is lost",
-            "not_started": "the kernel did not start this code in time (it was busy with "
-                           "other code); it was not interrupted",
             "failed": "the kernel could not be interrupted or restarted and may still be "
                       "running it; restart or shut it down",
         }[outcome]
