@@ -127,9 +127,12 @@ def test_channel_speaks_v1_to_a_server_that_offers_it(settings, shared_kernel, m
     with JupyterClient(settings) as client, client.open_channel(shared_kernel) as channel:
         assert channel.v1
     # Non-ASCII text in every part of the messages (v1 frames carry raw UTF-8 JSON).
-    answer = manager.execute_code(shared_kernel, "print('héllo ✓'); x = '日本'; x")
+    # Bytes that are not UTF-8 (a file name, a subprocess's output) come through replaced.
+    answer = manager.execute_code(
+        shared_kernel, "print('héllo ✓', b'\\xff'.decode('utf-8', 'surrogateescape')); "
+                       "x = '日本'; x")
     assert answer["status"] == "ok", answer
-    assert answer["stdout"] == "héllo ✓\n"
+    assert answer["stdout"] == "héllo ✓ \ufffd\n"
     assert answer["outputs"][0]["data"]["text/plain"] == "'日本'"
 
 

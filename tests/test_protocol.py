@@ -143,6 +143,23 @@ def test_decode_v1_frame_reads_channel_and_parts_and_drops_the_buffers():
     assert "buffers" not in decoded and "binary-buffer" not in json.dumps(decoded)
 
 
+def test_decode_v1_reads_frames_as_the_server_builds_them_raw_bytes_included():
+    """The kernel packs with `surrogateescape` (bytes that are not UTF-8 go raw), and the
+    server relays its parts as they are: such bytes become U+FFFD, as in the JSON encoding."""
+    from jupyter_client.session import Session
+    from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+
+    session = Session(key=b"")
+    sent = session.msg("stream", content={"name": "stdout", "text": "caf\udce9 é ✓\n"},
+                       parent={"msg_id": "parent-1"})
+    parts = [session.pack(sent[key]) for key in ("header", "parent_header", "metadata",
+                                                  "content")]
+    decoded = protocol.decode_v1(serialize_msg_to_ws_v1(parts, "iopub"))
+    assert decoded["content"]["text"] == "caf\ufffd é ✓\n"
+    assert decoded["msg_id"] == sent["header"]["msg_id"] and decoded["msg_type"] == "stream"
+    assert protocol.parent_id(decoded) == "parent-1"
+
+
 def test_encode_v1_is_what_the_jupyter_server_reads():
     from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 

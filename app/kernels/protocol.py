@@ -116,7 +116,7 @@ def decode_v1(frame: bytes) -> dict[str, Any]:
     if offsets[0] != 8 * (count + 1) or offsets[-1] > len(frame) or \
             list(offsets) != sorted(offsets):
         raise ValueError("v1 frame with bad offsets")
-    message: dict[str, Any] = {"channel": frame[offsets[0]:offsets[1]].decode()}
+    message: dict[str, Any] = {"channel": frame[offsets[0]:offsets[1]].decode(errors="replace")}
     for index, key in enumerate(_V1_PARTS, start=1):
         message[key] = _json_part(frame[offsets[index]:offsets[index + 1]])
     return _checked(message)
@@ -126,7 +126,9 @@ def _json_part(part: bytes) -> Any:
     """One JSON part of a v1 frame (four per message received: kept lean)."""
     if part == b"{}":  # empty metadata and parents are common
         return {}
-    text = part.decode().strip()
+    # Kernels pack text with `surrogateescape`: bytes that are not UTF-8 (a file name, a
+    # subprocess's output) arrive raw. The server's JSON encoding replaces them; so do we.
+    text = part.decode(errors="replace").strip()
     value, end = _JSON.raw_decode(text)
     if end != len(text):
         raise ValueError("a v1 frame part holds more than one JSON value")
@@ -138,6 +140,7 @@ def _checked(message: Any) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
         raise ValueError("frame is not a Jupyter message")
     message.setdefault("msg_type", message["header"].get("msg_type"))
+    message.setdefault("msg_id", message["header"].get("msg_id"))  # as the server's JSON has
     if not isinstance(message["msg_type"], str):
         raise ValueError("message without a msg_type")
     for key in ("parent_header", "content", "metadata"):
