@@ -397,6 +397,16 @@ def test_a_handshake_cut_short_by_the_deadline_is_a_timeout_of_code_that_did_not
     assert not end.output_lost
 
 
+def test_code_is_not_sent_once_its_deadline_passed_while_connecting(clock):
+    clock.now = DEADLINE - 0.05
+    kernel = FakeKernel(clock, [reply(), status("idle")], connect_seconds=0.1)
+    events = run(kernel)
+    end = end_of(events)
+    assert end.status == "timeout" and "did not run" in end.error["evalue"]
+    assert kernel.channels[0].sent == []
+    assert kernel.released == [True]  # nothing was sent: the websocket stays usable
+
+
 def test_a_slow_handshake_within_the_deadline_is_the_servers_timeout(clock):
     kernel = FakeKernel(clock, UpstreamTimeout("the kernel websocket did not open"),
                         connect_seconds=CONNECT_TIMEOUT)

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from app.kernels import protocol
 from app.kernels.channel import KernelChannel
 from app.kernels.errors import ConnectionLost, KernelError, KernelNotFound, UpstreamTimeout
+from app.logs import StructuredLogger
+from app.metrics import metrics
 
 INTERRUPT_GRACE_SECONDS = 5.0
 SETTLE_SECONDS = 2.0  # silence after the reply (or idle) that ends the wait for the other half
@@ -38,6 +40,8 @@ CANCEL_POLL_SECONDS = 0.5  # how often `cancelled` is asked while the kernel is 
 PROBE_PAUSES = (0.5, 1.0, 2.0)  # between kernel_info requests to a kernel being restarted
 SEQUENCE_SLACK = 4  # how far out of order a kernel's threads send its numbered messages
 MAX_GAP = 1024  # message numbers awaited after a break, at most (a wider gap is a loss)
+
+log = StructuredLogger(__name__)
 
 
 class KernelControl(Protocol):
@@ -148,11 +152,19 @@ class _Run:
         except UpstreamTimeout:
             if not deadline_first:
                 raise  # the server was slow, whatever the code's deadline
+            metrics().upstream_errors.labels("upstream_timeout").inc()
+            log.warning("upstream failure", error="upstream_timeout",  # as app.errors logs them
+                        reason="the kernel websocket did not open within the code's deadline")
             yield Sent()  # nothing was: the code's own deadline cut the handshake short
-            yield End("timeout", {
-                "ename": "ExecutionTimeout",
-                "evalue": f"the kernel websocket did not open within the {timeout:g} s "
-                          "deadline; this code did not run", "traceback": []})
+            yield End("timeout", _not_sent_error(
+                f"the Jupyter server did not open the kernel websocket within the code's "
+                f"{timeout:g} s deadline"))
+            return
+        if self.clock() >= self.deadline:  # the deadline passed while connecting
+            self.reusable = True  # nothing was sent: the channel is as it was
+            yield Sent()
+            yield End("timeout", _not_sent_error(
+                f"the code's {timeout:g} s deadline passed before it could be sent"))
             return
         self.session_id = self.channel.session_id
         request = protocol.execute_request(code, self.session_id, silent)
@@ -522,6 +534,11 @@ def _attempt(action: Callable[[], None]) -> bool:
     except KernelError:
         return False
     return True
+
+
+def _not_sent_error(why: str) -> dict[str, Any]:
+    return {"ename": "ExecutionTimeout", "evalue": f"{why}; this code did not run",
+            "traceback": []}
 
 
 def _cancel_error(outcome: str) -> dict[str, Any]:
