@@ -59,6 +59,7 @@ class Settings:
     job_retention: float = 3600.0
     max_running_jobs: int = 32
     kernel_env: str = ""
+    websocket_protocol: str = "v1"
 
     def __post_init__(self) -> None:
         url = str(self.server_url).strip().rstrip("/")
@@ -106,6 +107,9 @@ class Settings:
                 "JUPYTER_EXECUTION_TIMEOUT must not exceed JUPYTER_MAX_EXECUTION_TIMEOUT "
                 f"({self.execution_timeout:g} > {self.max_execution_timeout:g})"
             )
+        if self.websocket_protocol not in ("v1", "json"):
+            raise SettingsError("JUPYTER_WEBSOCKET_PROTOCOL must be v1 or json "
+                                f"(got {self.websocket_protocol!r})")
         if not str(self.kernel_name).strip():
             raise SettingsError("JUPYTER_KERNEL_NAME must not be empty")
         self.kernel_env_vars  # noqa: B018 - raises SettingsError for a malformed value

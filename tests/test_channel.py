@@ -160,6 +160,21 @@ def test_server_without_v1_is_spoken_to_in_json():
             manager.shutdown_kernel(kernel_id)
 
 
+def test_json_can_be_chosen_even_with_a_server_that_speaks_v1(settings, shared_kernel):
+    with JupyterClient(settings.replace(websocket_protocol="json")) as client, \
+            client.open_channel(shared_kernel) as channel:
+        assert not channel.v1
+        request = protocol.kernel_info_request(channel.session_id)
+        channel.send(request)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            received = channel.recv(deadline - time.monotonic())
+            if received and protocol.parent_id(received[0]) == request["header"]["msg_id"] \
+                    and received[0]["msg_type"] == "kernel_info_reply":
+                return
+        pytest.fail("no kernel_info_reply in JSON")
+
+
 def test_a_subprotocol_the_proxy_did_not_offer_is_refused():
     with fake_websocket_server(subprotocol=b"something.else") as url, \
             pytest.raises(UpstreamError, match="unknown websocket subprotocol"):

@@ -192,6 +192,12 @@ def test_bad_log_level_is_refused():
     assert "JUPYTER_LOG_LEVEL" in env_error({"JUPYTER_LOG_LEVEL": "LOUD"})
 
 
+def test_websocket_protocol_is_v1_or_json():
+    assert Settings.from_environment({"JUPYTER_WEBSOCKET_PROTOCOL": "json"}) \
+        .websocket_protocol == "json"
+    assert "JUPYTER_WEBSOCKET_PROTOCOL" in env_error({"JUPYTER_WEBSOCKET_PROTOCOL": "v2"})
+
+
 def test_execution_timeout_above_its_maximum_is_refused():
     message = env_error({"JUPYTER_EXECUTION_TIMEOUT": "100",
                          "JUPYTER_MAX_EXECUTION_TIMEOUT": "50"})

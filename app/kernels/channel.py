@@ -61,21 +61,22 @@ class KernelChannel:
 
     @classmethod
     def open(cls, url: str, kernel_id: str, headers: list[str], timeout: float,
-             session_id: str | None = None) -> KernelChannel:
+             session_id: str | None = None, offer_v1: bool = True) -> KernelChannel:
         """Opens the websocket; `url` has no query string, `timeout` bounds the handshake.
 
         The session id (new unless given) makes the server treat a reconnection as the same
         client and replay what it buffered for it meanwhile.
 
-        The proxy offers the v1 encoding; a server that does not know it chooses none and
-        speaks JSON. (The offer goes as a plain header: websocket-client's `subprotocols`
-        would refuse such a server's answer.)
+        The proxy offers the v1 encoding (unless `offer_v1` is False); a server that does not
+        know it chooses none and speaks JSON. (The offer goes as a plain header:
+        websocket-client's `subprotocols` would refuse such a server's answer.)
         """
         session_id = session_id or uuid.uuid4().hex
         try:
             ws = websocket.create_connection(
                 f"{url}?session_id={session_id}", timeout=timeout,
-                header=[*headers, f"Sec-WebSocket-Protocol: {protocol.V1_SUBPROTOCOL}"],
+                header=[*headers, f"Sec-WebSocket-Protocol: {protocol.V1_SUBPROTOCOL}"]
+                if offer_v1 else headers,
                 enable_multithread=False, skip_utf8_validation=True,
             )
         except websocket.WebSocketBadStatusException as err:
@@ -99,7 +100,7 @@ class KernelChannel:
                 "cannot open a websocket to the Jupyter server", kernel_id=kernel_id
             ) from None
         chosen = ((ws.getheaders() or {}).get("sec-websocket-protocol") or "").strip()
-        if chosen not in ("", protocol.V1_SUBPROTOCOL):
+        if chosen not in ("", protocol.V1_SUBPROTOCOL) or (chosen and not offer_v1):
             with contextlib.suppress(Exception):
                 ws.close(timeout=0)
             raise UpstreamError(f"the Jupyter server chose an unknown websocket subprotocol "

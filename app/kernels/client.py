@@ -224,7 +224,8 @@ class JupyterClient:
                           "", ""))
         headers = [f"Authorization: token {self.settings.token}"] if self.settings.token else []
         return KernelChannel.open(url, kernel_id, headers,
-                                  timeout or self.settings.timeout_connect, session_id)
+                                  timeout or self.settings.timeout_connect, session_id,
+                                  offer_v1=self.settings.websocket_protocol == "v1")
 
     # -- lifecycle -------------------------------------------------------------------------
 
