@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 from gunicorn.glogging import Logger as _GunicornBaseLogger
 
@@ -59,14 +60,28 @@ def redact(text: str) -> str:
 
 def register_secrets(secrets: Iterable[str]) -> None:
     """Adds values (tokens, API keys) that must never be written to a log, in every form they
-    can take in a JSON line: as they are, JSON-escaped (a quote or backslash in a key) and
-    URL-encoded (a key in a logged URL).
+    can take in a JSON line (see `_forms`).
     """
     global _secrets
-    forms = {form for s in secrets if s
-             for form in (s, json.dumps(s, ensure_ascii=False)[1:-1], quote(s, safe=""))}
+    forms = {form for secret in secrets if secret for form in _forms(secret)}
     # Longest first, so a secret that contains another is redacted whole.
     _secrets = tuple(sorted({*_secrets, *forms}, key=len, reverse=True))
+
+
+def _forms(secret: str) -> set[str]:
+    """`secret` as it is or as its repr() shows it, each JSON-escaped or not (a quote or a
+    backslash in it), and URL-encoded (in a logged URL: any `quote` flavour, upper- or
+    lower-case hex). Plain `in` checks on these keep redaction cheap on every log line.
+    """
+    forms = set()
+    for shown in (secret, repr(secret)[1:-1]):
+        forms |= {shown, json.dumps(shown, ensure_ascii=False)[1:-1], json.dumps(shown)[1:-1]}
+    for encoded in (quote(secret, safe=""), quote(secret), quote_plus(secret)):
+        forms |= {encoded, _PERCENT_HEX.sub(lambda m: m.group().lower(), encoded)}
+    return forms
+
+
+_PERCENT_HEX = re.compile(r"%[0-9A-F]{2}")
 
 
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = (),
