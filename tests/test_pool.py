@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import time
 
+import pytest
 import requests
 
 from app import JupyterClient, KernelManager
+from app.kernels import UpstreamTimeout
 from app.kernels.pool import KernelPool
 
 
@@ -86,6 +88,19 @@ def test_pooled_kernel_is_ready_warm_and_untouched(settings):
     kernels = {k["id"] for k in client.session.get(f"{settings.server_url}/api/kernels",
                                                        timeout=10).json()}
     assert kernel["id"] not in kernels
+
+
+def test_a_kernel_whose_warm_up_cell_fails_is_shut_down_not_pooled(settings, monkeypatch):
+    from app.kernels import manager as manager_module
+    from app.kernels.execution import End, Sent
+
+    stuck = End("timeout", {"ename": "ExecutionTimeout", "evalue": "stuck", "traceback": []})
+    monkeypatch.setattr(manager_module, "run_execution", lambda *args, **kw: iter([Sent(), stuck]))
+    with KernelManager(JupyterClient(settings)) as manager:
+        before = {k["id"] for k in manager.client.list_kernels()}
+        with pytest.raises(UpstreamTimeout, match="first cell"):
+            manager._start_new(settings.kernel_name, warm=True)
+        assert {k["id"] for k in manager.client.list_kernels()} == before  # none left behind
 
 
 def test_pooled_kernel_shut_down_elsewhere_is_not_handed_out(settings):

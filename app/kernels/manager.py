@@ -30,6 +30,7 @@ from app.kernels.errors import (
     InvalidRequest,
     KernelError,
     TooManyKernels,
+    UpstreamError,
     UpstreamTimeout,
 )
 from app.kernels.execution import (
@@ -137,11 +138,17 @@ class KernelManager:
         try:
             self._wait_until_ready(kernel_id, deadline)
             if warm:
-                for _ in run_execution(_Kernel(self.client, self._channels, kernel_id), "None",
-                                       deadline, timeout=self.settings.kernel_start_timeout,
-                                       crash_wait=0, silent=True,
-                                       connect_timeout=self.settings.timeout_connect):
-                    pass
+                end = End()
+                for event in run_execution(_Kernel(self.client, self._channels, kernel_id),
+                                           "None", deadline,
+                                           timeout=self.settings.kernel_start_timeout,
+                                           crash_wait=0, silent=True,
+                                           connect_timeout=self.settings.timeout_connect):
+                    end = event if isinstance(event, End) else end
+                if end.status is not None:  # not ready after all (timeout, crashed)
+                    error = UpstreamTimeout if end.status == "timeout" else UpstreamError
+                    raise error(f"the new kernel did not run its first cell ({end.status})",
+                                kernel_id=kernel_id)
         except BaseException:
             self._shutdown_quietly(kernel_id)  # nobody else knows its id: never leave it
             raise
