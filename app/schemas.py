@@ -204,7 +204,9 @@ class ExecutionAnswer(Answer):
     outputs = fields.List(fields.Nested(Output), required=True)
     error = fields.Nested(CodeError, required=True, allow_none=True)
     truncated = fields.Boolean(required=True, metadata=_doc(
-        "output went past JUPYTER_MAX_OUTPUT_BYTES or the server dropped some"))
+        "output may be incomplete: it went past JUPYTER_MAX_OUTPUT_BYTES, the server dropped "
+        "some (its iopub rate limit), some may have been lost with a broken connection, or a "
+        "frame that was no Jupyter message was skipped"))
 
 
 class ExecutionJob(ExecutionAnswer):

@@ -175,6 +175,27 @@ def test_json_can_be_chosen_even_with_a_server_that_speaks_v1(settings, shared_k
         pytest.fail("no kernel_info_reply in JSON")
 
 
+def test_a_frame_that_is_no_jupyter_message_is_skipped_and_counted():
+    import websocket
+
+    good = protocol.encode_v1({**protocol.kernel_info_request("s"), "channel": "iopub"})
+
+    class Frames:
+        sock = None
+        queue = [b"\x00garbage", good]
+
+        def settimeout(self, timeout: float) -> None:
+            pass
+
+        def recv_data_frame(self, control_frame: bool = False):
+            return websocket.ABNF.OPCODE_BINARY, type("Frame", (), {"data": self.queue.pop(0)})
+
+    channel = KernelChannel(Frames(), "k", "s", v1=True)
+    message, size = channel.recv(5)
+    assert message["msg_type"] == "kernel_info_request" and size == len(good)
+    assert channel.dropped == 1
+
+
 def test_a_subprotocol_the_proxy_did_not_offer_is_refused():
     with fake_websocket_server(subprotocol=b"something.else") as url, \
             pytest.raises(UpstreamError, match="unknown websocket subprotocol"):

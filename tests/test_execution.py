@@ -95,6 +95,10 @@ class NewProcess:
     """The kernel process was replaced (a restart): numbering starts again under a new pid."""
 
 
+class Dropped:
+    """A frame that was no Jupyter message: the channel skipped it (and counted it)."""
+
+
 class ScriptedChannel:
     """A KernelChannel stand-in: records what is sent, plays `script` on receive.
 
@@ -113,6 +117,7 @@ class ScriptedChannel:
         self.sent: list[dict] = []
         self.recvs: list[tuple[float, float]] = []  # (clock at the call, timeout)
         self.closed = False
+        self.dropped = 0
 
     def send(self, message: dict) -> None:
         assert not self.closed, "send on a closed channel"
@@ -144,6 +149,9 @@ class ScriptedChannel:
                 raise item
             if isinstance(item, Lost):
                 self.kernel.numbered += item.count
+                continue
+            if isinstance(item, Dropped):
+                self.dropped += 1
                 continue
             if isinstance(item, NewProcess):
                 self.kernel.pid, self.kernel.numbered = self.kernel.pid + 1, 0
@@ -395,6 +403,15 @@ def test_a_handshake_cut_short_by_the_deadline_is_a_timeout_of_code_that_did_not
     end = end_of(events)
     assert end.status == "timeout" and "did not run" in end.error["evalue"]
     assert not end.output_lost
+
+
+def test_a_frame_that_is_no_message_is_skipped_and_marks_the_output_maybe_incomplete(clock):
+    kernel = FakeKernel(clock, [status("busy"), Dropped(), stream("after"), reply(),
+                                status("idle")])
+    events = run(kernel)
+    assert texts(events) == ["after"]
+    end = end_of(events)
+    assert end.status is None and end.output_lost
 
 
 def test_code_is_not_sent_once_its_deadline_passed_while_connecting(clock):

@@ -19,6 +19,7 @@ from typing import Any
 import websocket
 
 from app.kernels import protocol
+from app.logs import StructuredLogger
 from app.metrics import metrics
 from app.kernels.errors import (
     ConnectionLost,
@@ -29,6 +30,8 @@ from app.kernels.errors import (
     UpstreamUnavailable,
 )
 
+
+log = StructuredLogger(__name__)
 
 # Linux only; elsewhere receives simply go without it.
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -56,6 +59,7 @@ class KernelChannel:
         self.kernel_id = kernel_id
         self.session_id = session_id
         self.v1 = v1
+        self.dropped = 0  # frames received that were not Jupyter messages (skipped)
         self._open = True
         metrics().open_websockets.inc()
 
@@ -140,19 +144,23 @@ class KernelChannel:
             except (websocket.WebSocketException, OSError) as err:
                 raise ConnectionLost("the websocket to the kernel broke",
                                      kernel_id=self.kernel_id) from err
-            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-                break
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 raise ConnectionLost("the Jupyter server closed the websocket to the kernel",
                                      kernel_id=self.kernel_id)
-        data = frame.data
-        try:
-            if opcode == websocket.ABNF.OPCODE_TEXT:
-                return protocol.decode(data.decode("utf-8")), len(data)
-            return (protocol.decode_v1(data) if self.v1 else protocol.decode(data)), len(data)
-        except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
-            raise UpstreamError("the Jupyter server sent a websocket frame that is not a "
-                                "Jupyter message", kernel_id=self.kernel_id) from None
+            if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                continue
+            data = frame.data
+            try:
+                if opcode == websocket.ABNF.OPCODE_TEXT:
+                    return protocol.decode(data.decode("utf-8")), len(data)
+                return (protocol.decode_v1(data) if self.v1 else protocol.decode(data)), \
+                    len(data)
+            except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
+                # One bad message must not end the execution (its code would run on unseen):
+                # it is skipped, and counted so that the answer says output may be missing.
+                self.dropped += 1
+                log.warning("skipped a websocket frame that is not a Jupyter message",
+                            kernel_id=self.kernel_id, bytes=len(data))
 
     def pending(self) -> bool:
         """True if a message (or the connection's end) can be read without waiting."""

@@ -129,6 +129,7 @@ class _Run:
         self.last_heard = 0.0  # when anything last arrived (or the websocket was reopened)
         self.reconnects = 0
         self.gaps = _Gaps()
+        self.frames_dropped = False  # a frame that was no Jupyter message was skipped
         self.reusable = False  # set once the execution ended with the channel in a known state
         self.death: str | None = None
         self.restart_asked = False  # the death was a restart someone asked for
@@ -141,8 +142,9 @@ class _Run:
 
     @property
     def output_lost(self) -> bool:
-        """Messages of this request went missing with a broken websocket (or may have)."""
-        return self.gaps.lost
+        """Messages of this request went missing with a broken websocket, or a frame that was
+        no Jupyter message was skipped (or may have)."""
+        return self.gaps.lost or self.frames_dropped
 
     def execute(self, code: str, *, timeout: float, crash_wait: float, grace: float,
                 silent: bool) -> Iterator[Event]:
@@ -319,6 +321,7 @@ class _Run:
         reopened until `reconnect_until` (default `until`).
         """
         reconnect_until = until if reconnect_until is None else reconnect_until
+        dropped = self.channel.dropped
         try:
             received = self.channel.recv(until - self.clock())
         except ConnectionLost:
@@ -328,6 +331,7 @@ class _Run:
             self.gaps.broke()
             self._reconnect(reconnect_until)
             return None
+        self.frames_dropped |= self.channel.dropped > dropped
         if received is not None:
             self.gaps.note(received[0], own=protocol.parent_id(received[0]) == self.msg_id)
         return received
