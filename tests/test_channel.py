@@ -26,19 +26,23 @@ from app.kernels import protocol
 from app.kernels.channel import KernelChannel
 
 
+def kernel_info(channel: KernelChannel) -> tuple[dict, int]:
+    """Asks the kernel for its info on `channel`; the reply and its size in bytes."""
+    request = protocol.kernel_info_request(channel.session_id)
+    channel.send(request)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        received = channel.recv(deadline - time.monotonic())
+        if received and protocol.parent_id(received[0]) == request["header"]["msg_id"] \
+                and received[0]["msg_type"] == "kernel_info_reply":
+            return received
+    pytest.fail("no kernel_info_reply")
+
+
 def test_channel_exchanges_messages_with_a_real_kernel(settings, shared_kernel):
     with JupyterClient(settings) as client, client.open_channel(shared_kernel) as channel:
-        request = protocol.kernel_info_request(channel.session_id)
-        channel.send(request)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            received = channel.recv(deadline - time.monotonic())
-            if received and protocol.parent_id(received[0]) == request["header"]["msg_id"] \
-                    and received[0]["msg_type"] == "kernel_info_reply":
-                assert received[0]["content"]["status"] == "ok"
-                assert received[1] > 0
-                return
-        pytest.fail("no kernel_info_reply")
+        reply, size = kernel_info(channel)
+        assert reply["content"]["status"] == "ok" and size > 0
 
 
 def test_recv_times_out_with_none_and_channel_stays_usable(settings, shared_kernel):
@@ -164,15 +168,8 @@ def test_json_can_be_chosen_even_with_a_server_that_speaks_v1(settings, shared_k
     with JupyterClient(settings.replace(websocket_protocol="json")) as client, \
             client.open_channel(shared_kernel) as channel:
         assert not channel.v1
-        request = protocol.kernel_info_request(channel.session_id)
-        channel.send(request)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            received = channel.recv(deadline - time.monotonic())
-            if received and protocol.parent_id(received[0]) == request["header"]["msg_id"] \
-                    and received[0]["msg_type"] == "kernel_info_reply":
-                return
-        pytest.fail("no kernel_info_reply in JSON")
+        reply, _ = kernel_info(channel)
+        assert reply["content"]["status"] == "ok"
 
 
 def test_a_frame_that_is_no_jupyter_message_is_skipped_and_counted():
