@@ -25,6 +25,7 @@ REDACTED = "[redacted]"
 # The id of the request being served by this thread, added to every log line it writes.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 _secrets: tuple[str, ...] = ()
+_PERCENT_HEX = re.compile(r"%[0-9A-F]{2}")  # a URL-encoded byte, as `quote` writes it
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,8 +81,6 @@ def _forms(secret: str) -> set[str]:
         forms |= {encoded, _PERCENT_HEX.sub(lambda m: m.group().lower(), encoded)}
     return forms
 
-
-_PERCENT_HEX = re.compile(r"%[0-9A-F]{2}")
 
 
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = (),

@@ -158,14 +158,14 @@ class _Run:
             log.warning("upstream failure", error="upstream_timeout",  # as app.errors logs them
                         reason="the kernel websocket did not open within the code's deadline")
             yield Sent()  # nothing was: the code's own deadline cut the handshake short
-            yield End("timeout", _not_sent_error(
+            yield End("timeout", not_sent_error(
                 f"the Jupyter server did not open the kernel websocket within the code's "
                 f"{timeout:g} s deadline"))
             return
         if self.clock() >= self.deadline:  # the deadline passed while connecting
             self.reusable = True  # nothing was sent: the channel is as it was
             yield Sent()
-            yield End("timeout", _not_sent_error(
+            yield End("timeout", not_sent_error(
                 f"the code's {timeout:g} s deadline passed before it could be sent"))
             return
         self.session_id = self.channel.session_id
@@ -540,7 +540,8 @@ def _attempt(action: Callable[[], None]) -> bool:
     return True
 
 
-def _not_sent_error(why: str) -> dict[str, Any]:
+def not_sent_error(why: str) -> dict[str, Any]:
+    """The error of an execution whose code was never sent to the kernel."""
     return {"ename": "ExecutionTimeout", "evalue": f"{why}; this code did not run",
             "traceback": []}
 

@@ -38,6 +38,7 @@ from app.kernels.execution import (
     End,
     Event,
     Message,
+    not_sent_error,
     run_execution,
 )
 from app.kernels.result import ExecutionResult
@@ -234,11 +235,9 @@ class KernelManager:
                     "evalue": "the execution was cancelled while it waited for the kernel; "
                               "this code did not run", "traceback": []})
             else:
-                waited_out = End("timeout", {
-                    "ename": "ExecutionTimeout",
-                    "evalue": f"the kernel stayed busy with earlier code for the whole "
-                              f"{timeout:g} s deadline; this code did not run",
-                    "traceback": []})
+                waited_out = End("timeout", not_sent_error(
+                    f"the kernel stayed busy with earlier code for the whole {timeout:g} s "
+                    "deadline"))
         except BaseException:
             stack.close()
             raise
