@@ -1,10 +1,14 @@
 """Faults a client meets for real: runaway code, huge output, dead kernels, a Jupyter server
 that goes away and comes back, connections cut mid-cell, concurrent clients, a stopping proxy.
 Each answer must come quickly and truthfully, and the service must keep working after.
+
+Every fault is met in both websocket encodings (`app/kernels/protocol.py`): v1, which
+jupyter_server 2 and Kernel Gateway 3 choose, and JSON, which older servers and gateways speak.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -13,10 +17,40 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from app import create_app
+from app import JupyterClient, KernelManager, create_app
 from app.embedded import free_port
-from tests.conftest import post
+from tests.conftest import _shutdown, post
 from tests.forwarder import TcpForwarder
+
+
+@pytest.fixture(scope="module", params=["v1", "json"])
+def encoding(request) -> str:
+    """The websocket encoding the proxy speaks in this module's run."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def settings(settings, encoding):
+    return settings.replace(websocket_protocol=encoding)
+
+
+@pytest.fixture(scope="module")
+def manager(settings):
+    with JupyterClient(settings) as client:
+        yield KernelManager(client)
+
+
+@pytest.fixture(scope="module")
+def shared_kernel(manager):
+    kernel_id = manager.start_kernel()["id"]
+    yield kernel_id
+    _shutdown(manager, kernel_id)
+
+
+def proxy_env(jupyter_server, encoding: str) -> dict[str, str]:
+    """The environment of a real proxy in front of `jupyter_server`, in `encoding`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    return {**env, "JUPYTER_TOKEN": jupyter_server.token, "JUPYTER_WEBSOCKET_PROTOCOL": encoding}
 
 
 def run(http, kernel_id: str, code: str, **extra) -> dict:
@@ -27,6 +61,13 @@ def run(http, kernel_id: str, code: str, **extra) -> dict:
 
 def value(answer: dict) -> str:
     return answer["outputs"][0]["data"]["text/plain"]
+
+
+def test_the_proxy_speaks_the_encoding_under_test(manager, kernel, encoding):
+    assert manager.execute_code(kernel, "1")["status"] == "ok"
+    channel = manager._channels.take(kernel)  # the warm websocket the execution used
+    assert channel is not None and channel.v1 is (encoding == "v1")
+    channel.close()
 
 
 # -- runaway code ---------------------------------------------------------------------------
@@ -252,14 +293,11 @@ def test_connection_that_cannot_be_reopened_is_a_clear_error_and_kernel_stays_us
 # -- concurrent clients, through the real service ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def service(jupyter_server):
+def service(jupyter_server, encoding):
     from tests.conftest import ProxyProcess
-    import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
-    env["JUPYTER_TOKEN"] = jupyter_server.token
     proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2",
-                          "--threads", "8"], env)
+                          "--threads", "8"], proxy_env(jupyter_server, encoding))
     proxy.wait_until_serving()
     yield proxy
     proxy.stop()
@@ -320,9 +358,9 @@ def test_deadline_while_queued_neither_interrupts_nor_runs_later(service):
 
 # -- stopping the proxy -------------------------------------------------------------------------
 
-def test_sigterm_lets_a_running_execution_finish(start_proxy, jupyter_server):
+def test_sigterm_lets_a_running_execution_finish(start_proxy, jupyter_server, encoding):
     proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
-                        env={"JUPYTER_TOKEN": jupyter_server.token})
+                        env=proxy_env(jupyter_server, encoding))
     kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(remote, proxy.url, kernel_id,
