@@ -28,11 +28,13 @@ from app.kernels import execution
 from app.kernels.errors import (
     ConnectionLost,
     KernelError,
+    KernelNotFound,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from app.kernels.execution import (
+    LIVENESS_SECONDS,
     RECONNECT_ATTEMPTS,
     RECONNECT_PAUSES,
     End,
@@ -190,6 +192,7 @@ class FakeKernel:
         self.connects: list[tuple[str | None, float]] = []  # (session_id, timeout)
         self.interrupts: list[float] = []  # clock at each call
         self.restarts: list[float] = []
+        self.described: list[float] = []  # clock at each look-up of the kernel on the server
         self.released: list[bool] = []  # `reusable` of each channel handed back
         self.answered: set[str] = set()  # kernel_info_requests answered
         self.pid = 100  # the kernel process; a restart makes a new one
@@ -220,6 +223,7 @@ class FakeKernel:
             raise self.restart_raises
 
     def describe(self) -> dict:
+        self.described.append(self.clock())
         if isinstance(self.model, BaseException):
             raise self.model
         return self.model
@@ -830,6 +834,34 @@ def test_restart_that_never_finishes_waits_crash_wait(clock):
     assert kernel.interrupts == [] and kernel.restarts == []
     assert clock.now == 2 + CRASH_WAIT
     assert_all_closed(kernel)
+
+
+def test_silent_kernel_is_looked_up_on_the_server_every_liveness_period(clock):
+    kernel = FakeKernel(clock, [status("busy"), Silence(8), stream("a"), Silence(8),
+                                stream("b")], on_interrupt=interrupted_answers())
+    assert end_of(run(kernel)).status == "timeout"
+    # Not while messages come; from the last one on, after each LIVENESS_SECONDS of silence.
+    assert kernel.described == [16 + n * LIVENESS_SECONDS
+                                for n in range(1, int((DEADLINE - 16) // LIVENESS_SECONDS) + 1)]
+
+
+def test_kernel_shut_down_while_silent_is_reported_at_the_next_look_up(clock):
+    """A kernel deleted while it was dead (before the server noticed) or hung sends nothing,
+    and the server leaves its websocket open."""
+    kernel = FakeKernel(clock, [status("busy")], model=KernelNotFound(KERNEL_ID))
+    end = end_of(run(kernel))
+    assert end.status == "crashed" and "shut down" in end.error["evalue"]
+    assert clock.now == LIVENESS_SECONDS
+    assert kernel.interrupts == [] and kernel.restarts == []
+    assert_all_closed(kernel)
+
+
+def test_kernel_shut_down_while_the_server_restarts_it_is_reported_at_the_second_probe(clock):
+    kernel = FakeKernel(clock, [status("busy"), Silence(2), status("restarting", parent=None)],
+                        model=KernelNotFound(KERNEL_ID))
+    end = end_of(run(kernel))
+    assert end.status == "crashed" and "shut down" in end.error["evalue"]
+    assert clock.now == 2 + execution.PROBE_PAUSES[0]  # not after CRASH_WAIT
 
 
 def test_status_dead_of_another_request_is_not_a_death(clock):

@@ -160,6 +160,24 @@ def test_kernel_shut_down_mid_cell_is_reported_at_once(http, manager):
     assert "shut down" in result["error"]["evalue"]
 
 
+def test_kernel_that_died_and_was_shut_down_before_the_server_noticed_is_reported(http,
+                                                                                  manager):
+    # The server notices a death within ~3 s; deleted before that, the kernel says nothing more
+    # and its websocket stays open: the proxy must find out by itself, well before the deadline.
+    kernel_id = manager.start_kernel()["id"]
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(
+        run(http, kernel_id, "import os, time; time.sleep(0.5); os._exit(1)", timeout=120)))
+    thread.start()
+    time.sleep(0.8)
+    started = time.monotonic()
+    manager.shutdown_kernel(kernel_id)
+    thread.join(60)
+    assert time.monotonic() - started < 20
+    assert result["status"] == "crashed"
+    assert "shut down" in result["error"]["evalue"]
+
+
 # -- the Jupyter server goes away and comes back -----------------------------------------------
 
 def test_server_stopped_then_restarted_is_503_then_served_again(settings, upstream_class):

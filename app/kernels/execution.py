@@ -10,7 +10,9 @@ Everything is bounded:
   When it passes, the kernel is interrupted (it keeps its state) and what it still sends within
   a short grace period is kept; a kernel that ignores the interrupt is restarted.
 - a kernel that dies is reported as soon as the server says so (a parentless `status:
-  restarting`/`dead`), after waiting a bounded time for the server to bring it back.
+  restarting`/`dead`), after waiting a bounded time for the server to bring it back. A kernel
+  that goes silent is looked up on the server every `LIVENESS_SECONDS`: one shut down while it
+  was dead or hung says nothing on its websocket, which the server leaves open.
 - once the `execute_reply` (or the `idle`) is in, the other half is awaited only while messages
   keep coming: the server can drop an `idle`, e.g. right after a restart.
 - a websocket that breaks is reopened with the same session id, so that the server replays what
@@ -36,6 +38,7 @@ SETTLE_SECONDS = 2.0  # silence after the reply (or idle) that ends the wait for
 RECONNECT_ATTEMPTS = 3  # websockets reopened in one execution, at most
 RECONNECT_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # backoff between tries to reopen one
 MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
+LIVENESS_SECONDS = 10.0  # silence while code runs after which the server is asked about the kernel
 CANCEL_POLL_SECONDS = 0.5  # how often `cancelled` is asked while the kernel is silent
 PROBE_PAUSES = (0.5, 1.0, 2.0)  # between kernel_info requests to a kernel being restarted
 SEQUENCE_SLACK = 4  # how far out of order a kernel's threads send its numbered messages
@@ -229,7 +232,9 @@ class _Run:
             yield from self._collect(self.clock() + grace)
             if self.complete or self.death:
                 return "interrupted"
-        self._check_answer_not_lost()
+        self._ask_server(answer_may_be_lost=True)
+        if self.death:
+            return "failed"  # gone: there is nothing left to stop
         return "restarted" if _attempt(self.kernel.restart) else "failed"
 
     def _collect(self, until: float, until_started: bool = False) -> Iterator[Event]:
@@ -237,7 +242,8 @@ class _Run:
 
         Once the reply (or the idle) is in, the code has finished: `settle` seconds without a
         message of this request then end the wait for the other half (never past `until`).
-        After a reconnect, silence is checked against the kernel's own state every `settle`.
+        Before that, silence is checked against the server's view of the kernel every
+        `LIVENESS_SECONDS` (every `settle` after a reconnect, when the answer may be lost).
         """
         while not self.complete and not self.death:
             if until_started and self.started:
@@ -248,15 +254,16 @@ class _Run:
                 return
             half_in = self.reply or self.idle
             limit = min(until, self.last_own + self.settle) if half_in else until
-            if self.reconnects and not half_in:
-                limit = min(limit, self.last_heard + self.settle)
+            if not half_in:
+                silence = self.settle if self.reconnects else LIVENESS_SECONDS
+                limit = min(limit, self.last_heard + silence)
             if self.clock() >= limit:
                 if half_in:
                     self._settle()
                     continue
                 if self.clock() >= until:
                     return
-                self._check_answer_not_lost()  # reconnected, and silent for `settle`
+                self._ask_server(answer_may_be_lost=self.reconnects > 0)
                 self.last_heard = self.clock()
                 continue
             wait_until = limit
@@ -287,15 +294,19 @@ class _Run:
             "server; the output may be incomplete",
             kernel_id=self.channel.kernel_id if self.channel else None)
 
-    def _check_answer_not_lost(self) -> None:
-        """Raises ConnectionLost if the kernel is idle although this request is not complete:
-        the code finished, and its answer went with a broken connection.
+    def _ask_server(self, answer_may_be_lost: bool) -> None:
+        """Looks the silent kernel up on the server. Gone: it was shut down (`death`). Idle
+        although this request is not complete, when `answer_may_be_lost`: the code finished,
+        and its answer went with a broken connection (raises ConnectionLost).
         """
         try:
             state = self.kernel.describe().get("execution_state")
+        except KernelNotFound:
+            self.death = "shutdown"
+            return
         except KernelError:
             return
-        if state == "idle":
+        if answer_may_be_lost and state == "idle":
             raise ConnectionLost(
                 "the code finished, but its answer was lost with the connection to the "
                 "Jupyter server (the kernel is idle and keeps its state)",
@@ -382,6 +393,10 @@ class _Run:
         self.new_process_seen = False
         while self.clock() < until:
             if self.clock() >= next_probe:
+                if probes:  # still not back: is it still there?
+                    self._ask_server(answer_may_be_lost=False)
+                    if self.death == "shutdown":
+                        return "shutdown"
                 probes.add(self._probe())
                 pause = next(pauses, pause)
                 next_probe = self.clock() + pause
