@@ -91,6 +91,10 @@ class ServerProcess:
         """The server's config file (it holds the token)."""
         raise NotImplementedError
 
+    def python(self) -> str:
+        """The Python interpreter that runs the server (and, through it, its kernels)."""
+        return sys.executable
+
     def environment(self) -> dict[str, str]:
         """The server's environment: ours, without our secrets (its kernels inherit it)."""
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
@@ -121,7 +125,7 @@ class ServerProcess:
         config.write_text(self.config())
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", *self.command, f"--config={config}"],
+                [self.python(), "-m", *self.command, f"--config={config}"],
                 env=self.environment(), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=log,
                 start_new_session=True,  # our Ctrl-C is ours to handle: stop() stops it in order

@@ -25,26 +25,27 @@ import pytest
 import requests
 
 from app import JupyterClient, KernelManager, Settings, create_app
-from app.embedded import EmbeddedJupyterServer, free_port
+from app.embedded import EmbeddedJupyterServer, ServerProcess, free_port
 from app.logs import configure_logging
 from app.kernels import KernelNotFound
-from tests.gateway import KernelGatewayServer
+from tests.gateway import EnterpriseGatewayServer, KernelGatewayServer
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-UPSTREAMS = ("jupyter_server", "kernel_gateway")
+UPSTREAMS = {"jupyter_server": EmbeddedJupyterServer, "kernel_gateway": KernelGatewayServer,
+             "enterprise_gateway": EnterpriseGatewayServer}
 
 
-@pytest.fixture(scope="session", params=UPSTREAMS)
-def jupyter_server(request) -> Iterator[EmbeddedJupyterServer | KernelGatewayServer]:
+@pytest.fixture(scope="session", params=list(UPSTREAMS))
+def jupyter_server(request) -> Iterator[ServerProcess]:
     """A real upstream on a free loopback port with a random token, once per kind: a
-    jupyter_server, then a Jupyter Kernel Gateway (`tests/gateway.py`), both with ipykernel.
-    Every test that uses it runs against both (`-k kernel_gateway` picks one); pytest groups
-    the tests by upstream, so each starts once. Both offer `url`, `token` and `kind`.
+    jupyter_server, a Jupyter Kernel Gateway and a Jupyter Enterprise Gateway
+    (`tests/gateway.py`), all with ipykernel. Every test that uses it runs against each
+    (`-k kernel_gateway` picks one); pytest groups the tests by upstream, so each starts once.
+    All offer `url`, `token` and `kind`.
     """
-    server = EmbeddedJupyterServer(startup_timeout=120) if request.param == "jupyter_server" \
-        else KernelGatewayServer(startup_timeout=120)
+    server = UPSTREAMS[request.param](startup_timeout=120)
     server.kind = request.param
     with server:
         yield server

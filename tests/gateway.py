@@ -1,19 +1,34 @@
-"""A real Jupyter Kernel Gateway (`jupyter-kernel-gateway`, its default `jupyter-websocket`
-API) as a child process: a free loopback port, a random token, private directories, stopped
-with its kernels; the second upstream the integration tests run against.
+"""Real gateways as child processes, the integration tests' other upstreams: a Jupyter Kernel
+Gateway (`jupyter-kernel-gateway`, its default `jupyter-websocket` API) and a Jupyter Enterprise
+Gateway (its local process proxy: kernels on this host). Each on a free loopback port with a
+random token and private directories, stopped with its kernels.
 
-It is an `EmbeddedJupyterServer`'s sibling (`app.embedded.ServerProcess`): the same `url`,
+They are `EmbeddedJupyterServer`'s siblings (`app.embedded.ServerProcess`): the same `url`,
 `token`, `start()`, `stop()`, context manager and constructor's `port`, `token`, `limit_rate`.
+
+Enterprise Gateway 3 needs jupyter_server 1.x and jupyter_client 6, which cannot share an
+environment with the proxy's test dependencies: it runs from a virtualenv of its own,
+`.venv-enterprise-gateway` at the top of the repository, made by the first test that needs it
+(about a minute, from the package index) and reused while its requirements stay the same.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 from app.embedded import ServerProcess
 
+REPO = Path(__file__).resolve().parent.parent
+
 # The token travels in a config file read at start-up (then removed), never on a command line
-# (visible to every user) nor in `KG_AUTH_TOKEN`: KG removes that from the environment it gives
-# kernels, but they run as the same user and could read the gateway's /proc/<pid>/environ.
-CONFIG_TEMPLATE = """\
+# (visible to every user) nor in `KG_AUTH_TOKEN`/`EG_AUTH_TOKEN`: the gateways remove those from
+# the environment they give kernels, but kernels run as the same user and could read the
+# gateway's /proc/<pid>/environ.
+KG_CONFIG = """\
 c = get_config()  # noqa: F821
 c.KernelGatewayApp.ip = "127.0.0.1"
 c.KernelGatewayApp.port = {port}
@@ -28,12 +43,57 @@ c.KernelGatewayApp.max_kernels = {max_kernels}
 c.ZMQChannelsWebsocketConnection.limit_rate = {limit_rate}
 """
 
+EG_CONFIG = """\
+c = get_config()  # noqa: F821
+c.EnterpriseGatewayApp.ip = "127.0.0.1"
+c.EnterpriseGatewayApp.port = {port}
+c.EnterpriseGatewayApp.port_retries = 0
+c.EnterpriseGatewayApp.auth_token = {token!r}
+c.EnterpriseGatewayApp.list_kernels = {list_kernels}
+c.EnterpriseGatewayApp.max_kernels = {max_kernels}
+# EG refuses to start kernels for root (its default `unauthorized_users`); CI runs as root.
+c.EnterpriseGatewayApp.unauthorized_users = set()
+"""
+
+EG_REQUIREMENTS = ("jupyter-enterprise-gateway==3.3.0", "ipykernel>=6.29,<7")
+EG_VENV = REPO / ".venv-enterprise-gateway"
+
 
 class GatewayError(RuntimeError):
-    """The Kernel Gateway could not be started."""
+    """A gateway could not be started."""
 
 
-class KernelGatewayServer(ServerProcess):
+class _Gateway(ServerProcess):
+    """What both gateways share: their own listing and kernel-limit settings."""
+
+    ready_path = "/api/kernelspecs"  # no /api/status; the kernel specs need the token
+    error = GatewayError
+    config_template = ""
+    variable_prefix = ""  # the gateway's own environment variables, which we never pass on
+
+    def __init__(self, startup_timeout: float = 60.0, *, port: int = 0,
+                 token: str | None = None, limit_rate: bool = False, list_kernels: bool = True,
+                 max_kernels: int | None = None) -> None:
+        """`list_kernels` and `max_kernels` are the gateway's own settings (its defaults:
+        False, None)."""
+        super().__init__(startup_timeout, port=port, token=token, limit_rate=limit_rate)
+        self.list_kernels = list_kernels
+        self.max_kernels = max_kernels
+
+    def config(self) -> str:
+        return self.config_template.format(port=self.port, token=self.token,
+                                           limit_rate=self.limit_rate,
+                                           list_kernels=self.list_kernels,
+                                           max_kernels=self.max_kernels)
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in super().environment().items()
+               if not k.startswith(self.variable_prefix)}
+        env["JUPYTER_CONFIG_DIR"] = self.workdir  # no user configuration
+        return env
+
+
+class KernelGatewayServer(_Gateway):
     """A `jupyter-kernel-gateway` child process on 127.0.0.1."""
 
     kind = "kernel_gateway"
@@ -41,24 +101,42 @@ class KernelGatewayServer(ServerProcess):
     command = ("kernel_gateway",)
     requires = ("kernel_gateway",)
     install_hint = "pip install -e '.[test]'"
-    ready_path = "/api/kernelspecs"  # KG has no /api/status; the kernel specs need the token
-    error = GatewayError
+    config_template = KG_CONFIG
+    variable_prefix = "KG_"
 
-    def __init__(self, startup_timeout: float = 60.0, *, port: int = 0,
-                 token: str | None = None, limit_rate: bool = False, list_kernels: bool = True,
-                 max_kernels: int | None = None) -> None:
-        """`list_kernels` and `max_kernels` are KG's own settings (its defaults: False, None)."""
-        super().__init__(startup_timeout, port=port, token=token, limit_rate=limit_rate)
-        self.list_kernels = list_kernels
-        self.max_kernels = max_kernels
 
-    def config(self) -> str:
-        return CONFIG_TEMPLATE.format(port=self.port, token=self.token,
-                                      limit_rate=self.limit_rate,
-                                      list_kernels=self.list_kernels,
-                                      max_kernels=self.max_kernels)
+class EnterpriseGatewayServer(_Gateway):
+    """A `jupyter-enterprisegateway` child process on 127.0.0.1, from its own virtualenv.
 
-    def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in super().environment().items() if not k.startswith("KG_")}
-        env["JUPYTER_CONFIG_DIR"] = self.workdir  # no user configuration
-        return env
+    It has no iopub rate limit (`limit_rate` changes nothing): jupyter_server 1.x reads the
+    limits from web app settings that Enterprise Gateway never sets.
+    """
+
+    kind = "enterprise_gateway"
+    name = "Enterprise Gateway"
+    command = ("enterprise_gateway",)
+    requires = ()
+    config_template = EG_CONFIG
+    variable_prefix = "EG_"
+
+    def python(self) -> str:
+        return str(enterprise_gateway_python())
+
+
+def enterprise_gateway_python() -> Path:
+    """The Python of `EG_VENV`, made first if it is missing or has other requirements."""
+    python = EG_VENV / "bin" / "python"
+    stamp = EG_VENV / "requirements.json"
+    with open(REPO / ".venv-enterprise-gateway.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once make it once
+        if stamp.exists() and json.loads(stamp.read_text()) == list(EG_REQUIREMENTS) \
+                and python.exists():
+            return python
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(EG_VENV)], check=True)
+        installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet",
+                                    *EG_REQUIREMENTS], capture_output=True, text=True)
+        if installed.returncode != 0:
+            raise GatewayError("cannot install Enterprise Gateway into "
+                               f"{EG_VENV}:\n{installed.stdout}\n{installed.stderr}")
+        stamp.write_text(json.dumps(list(EG_REQUIREMENTS)))
+        return python

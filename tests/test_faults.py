@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from app import JupyterClient, KernelManager, create_app
-from app.embedded import free_port
+from app import JupyterClient, KernelManager, Settings, create_app
+from app.embedded import EmbeddedJupyterServer, free_port
 from tests.conftest import _shutdown, post
 from tests.forwarder import TcpForwarder
+from tests.gateway import KernelGatewayServer
 
 
 @pytest.fixture(scope="module", params=["v1", "json"])
@@ -123,10 +124,13 @@ def test_thirty_megabyte_print_is_capped_and_the_kernel_survives(settings, kerne
     assert value(run(http, kernel, "6 * 7")) == "42"
 
 
-def test_output_dropped_by_the_servers_rate_limit_is_reported_as_truncated(settings,
-                                                                          upstream_class):
-    with upstream_class(limit_rate=True) as server:
-        limited = settings.replace(server_url=server.url, token=server.token)
+@pytest.mark.parametrize("server_class", [EmbeddedJupyterServer, KernelGatewayServer],
+                         ids=["jupyter_server", "kernel_gateway"])  # EG has no rate limit
+def test_output_dropped_by_the_servers_rate_limit_is_reported_as_truncated(server_class,
+                                                                          encoding):
+    with server_class(limit_rate=True) as server:
+        limited = Settings(server_url=server.url, token=server.token,
+                           websocket_protocol=encoding)
         http = create_app(limited).test_client()
         kernel_id = http.post("/start_kernel").get_json()["id"]
         answer = run(http, kernel_id, "print('x' * 30_000_000)", timeout=60)

@@ -5,7 +5,7 @@ proxy makes of it. (Everything they share is tested against both upstreams throu
 - A gateway refuses a wrong token with 401 and answers 403 to other refusals: a kernel start
   past its own kernel limit, and any listing of kernels unless listing is turned on. These
   must not read "check JUPYTER_TOKEN" (jupyter_server answers a wrong token with 403).
-- Enterprise Gateway's answers are scripted (it needs a cluster); Kernel Gateway's are real.
+- Their answers are scripted here for the Python API, and met for real through the proxy.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from app.kernels.errors import (
     UpstreamError,
 )
 from app.settings import Settings
-from tests.gateway import KernelGatewayServer
+from tests.gateway import EnterpriseGatewayServer, KernelGatewayServer
 
 TOKEN = "s3cret-upstream-token-0123456789"
 BASE = "http://gateway.test:8888"
@@ -107,12 +107,13 @@ def test_a_refused_listing_with_a_refused_token_is_still_the_token(client, upstr
     assert "JUPYTER_TOKEN" in caught.value.message
 
 
-# -- a real Kernel Gateway with its defaults for listing, and a kernel limit ----------------
+# -- real gateways with their defaults for listing, and a kernel limit -----------------------
 
-@pytest.fixture(scope="module")
-def strict_gateway():
-    """KG as it comes (no listing) with a limit of one kernel."""
-    with KernelGatewayServer(startup_timeout=120, list_kernels=False, max_kernels=1) as server:
+@pytest.fixture(scope="module", params=[KernelGatewayServer, EnterpriseGatewayServer],
+                ids=["kernel_gateway", "enterprise_gateway"])
+def strict_gateway(request):
+    """A gateway as it comes (no listing) with a limit of one kernel."""
+    with request.param(startup_timeout=120, list_kernels=False, max_kernels=1) as server:
         yield server
 
 
@@ -154,6 +155,24 @@ def test_gateway_refuses_a_wrong_token_with_401_which_is_the_token(strict_settin
         assert "wrong-token-123" not in response.get_data(as_text=True)
 
 
+class RefusingEnterpriseGateway(EnterpriseGatewayServer):
+    """Enterprise Gateway authorizing another user than the one its kernels would run as."""
+
+    def config(self) -> str:
+        return super().config() + 'c.EnterpriseGatewayApp.authorized_users = {"someone-else"}\n'
+
+
+def test_a_user_enterprise_gateway_does_not_authorize_is_a_502_that_names_the_setting():
+    with RefusingEnterpriseGateway(startup_timeout=120) as server:
+        http = create_app(Settings(server_url=server.url, token=server.token)).test_client()
+        refused = http.post("/start_kernel")
+        assert refused.status_code == 502, refused.get_json()
+        assert refused.get_json()["error"] == "bad_upstream_response"
+        assert "KERNEL_USERNAME" in refused.get_json()["message"]
+        assert "JUPYTER_TOKEN" not in refused.get_json()["message"]
+        assert server.token not in refused.get_data(as_text=True)
+
+
 # -- KERNEL_ variables in the start request --------------------------------------------------
 
 def test_kernel_env_in_a_start_request_reaches_only_a_gateways_kernel(
@@ -167,7 +186,7 @@ def test_kernel_env_in_a_start_request_reaches_only_a_gateways_kernel(
                                       " 'HOME' in os.environ)")
     finally:
         manager.shutdown_kernel(kernel_id)
-    if jupyter_server.kind == "kernel_gateway":
+    if jupyter_server.kind != "jupyter_server":
         # KERNEL_* passes; anything else only if whitelisted; the gateway's own environment
         # (HOME, ...) is no longer inherited once a request carries an env.
         assert answer["stdout"] == "alice None False\n"

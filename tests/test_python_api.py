@@ -84,5 +84,5 @@ def test_kernel_env_reaches_kernels_of_a_gateway(jupyter_server, settings):
                 kernel, "import os; print(os.environ.get('KERNEL_PROXY_TEST'))")
         finally:
             manager.shutdown_kernel(kernel)
-    expected = "from-the-proxy" if jupyter_server.kind == "kernel_gateway" else "None"
+    expected = "None" if jupyter_server.kind == "jupyter_server" else "from-the-proxy"
     assert answer["stdout"] == f"{expected}\n"
