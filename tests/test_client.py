@@ -95,6 +95,19 @@ def test_start_kernel_checks_specs_then_posts_the_name(client, upstream):
     assert [c.request.method for c in upstream.calls] == ["GET", "POST"]
 
 
+@pytest.mark.parametrize("env, body_env", [
+    (None, None),
+    ({"KERNEL_USERNAME": "alice"}, {"KERNEL_USERNAME": "alice", "KERNEL_ID": KERNEL_ID}),
+], ids=["without-env", "with-env"])
+def test_start_kernel_asks_for_the_id_it_is_given(client, upstream, env, body_env):
+    # jupyter_server 2 and Kernel Gateway take `kernel_id`; Enterprise Gateway `env.KERNEL_ID`.
+    upstream.get(f"{BASE}/api/kernelspecs", json=SPECS)
+    body = {"name": "ir", "kernel_id": KERNEL_ID, **({"env": body_env} if body_env else {})}
+    upstream.post(f"{BASE}/api/kernels", json={"id": KERNEL_ID, "name": "ir"},
+                  match=[responses.matchers.json_params_matcher(body)])
+    assert client.start_kernel("ir", env, kernel_id=KERNEL_ID)["id"] == KERNEL_ID
+
+
 def test_unknown_kernel_spec_is_refused_without_posting(client, upstream):
     upstream.get(f"{BASE}/api/kernelspecs", json=SPECS)
     err = raised_by(lambda: client.start_kernel("julia"), KernelSpecNotFound)

@@ -93,8 +93,14 @@ class JupyterClient:
             self._specs = (time.monotonic(), specs)
         return specs
 
-    def start_kernel(self, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    def start_kernel(self, name: str, env: dict[str, str] | None = None,
+                     kernel_id: str | None = None) -> dict[str, Any]:
         """`POST /api/kernels`: the new kernel's model (it may still be starting).
+
+        `kernel_id` (a new UUID) asks for the new kernel's id: jupyter_server 2 and Kernel
+        Gateway 3 take it from the body, Enterprise Gateway from `KERNEL_ID` in `env` (so it
+        goes there too when an `env` is sent); other servers choose their own. The answer's id
+        is the kernel's, whichever was taken.
 
         `env` is sent in the body when given: Kernel Gateway and Enterprise Gateway pass its
         `KERNEL_*` variables (and those their `env_whitelist` allows) to the kernel, which then
@@ -111,8 +117,10 @@ class JupyterClient:
             raise KernelSpecNotFound(f"no kernel spec named {name!r} on the Jupyter server",
                                      available=names)
         body: dict[str, Any] = {"name": name}
+        if kernel_id:
+            body["kernel_id"] = kernel_id
         if env:
-            body["env"] = dict(env)
+            body["env"] = {**env, "KERNEL_ID": kernel_id} if kernel_id else dict(env)
         model = self._request("POST", "/api/kernels", json=body,
                               timeout=self.settings.kernel_start_timeout,
                               forbidden=_start_refused)

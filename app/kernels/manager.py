@@ -24,6 +24,7 @@ from app.kernels.channel import KernelChannel
 from app.kernels.client import JupyterClient
 from app.kernels.connections import ChannelCache
 from app.kernels.locks import KernelLocks
+from app.kernels.orphans import OrphanReaper
 from app.kernels.pool import KernelPool
 from app.kernels.errors import (
     CodeTooLarge,
@@ -93,6 +94,7 @@ class KernelManager:
     def _set_up_process_state(self) -> None:
         """What belongs to one process: warm websockets, ready kernels, thread locks."""
         self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions)
+        self._orphans = OrphanReaper(self.client.shutdown_kernel, self.logger)
         self._channels = ChannelCache(self.settings.max_idle_connections,
                                       used_elsewhere=self._used_by_another_process)
         self._pool = KernelPool(self._pool_size, self.settings.kernel_name,
@@ -166,7 +168,7 @@ class KernelManager:
         """
         limit = self.settings.max_kernels
         if not limit:
-            return self.client.start_kernel(name, self.settings.kernel_env_vars or None)
+            return self._post_start(name)
         with self._locks.hold(START_LOCK, deadline) as acquired:
             if not acquired:
                 raise UpstreamTimeout("other kernel starts kept this one waiting too long")
@@ -174,7 +176,20 @@ class KernelManager:
                 raise TooManyKernels(f"the Jupyter server already runs {limit} kernels, as "
                                      "many as JUPYTER_MAX_KERNELS allows; shut one down first",
                                      max_kernels=limit)
-            return self.client.start_kernel(name, self.settings.kernel_env_vars or None)
+            return self._post_start(name)
+
+    def _post_start(self, name: str) -> dict[str, Any]:
+        """`POST /api/kernels` under an id of our choosing: if the answer never comes, the
+        kernel is shut down should the server start it anyway (`orphans`).
+        """
+        kernel_id = str(uuid.uuid4())
+        try:
+            return self.client.start_kernel(name, self.settings.kernel_env_vars or None,
+                                            kernel_id=kernel_id)
+        except UpstreamTimeout as err:
+            if err.details.get("request") == "POST /api/kernels":  # not the kernel spec check
+                self._orphans.watch(kernel_id)
+            raise
 
     def _is_alive(self, kernel_id: str) -> bool:
         """True if the kernel still answers: its warm channel is clean, or one can be opened."""
@@ -329,10 +344,12 @@ class KernelManager:
                               f"{self.settings.kernel_start_timeout:g} s", kernel_id=kernel_id)
 
     def close(self) -> None:
-        """Shuts the pooled kernels down and closes the warm websockets; safe to call twice."""
+        """Shuts the pooled kernels down and closes the warm websockets; safe to call twice.
+        Kernels of timed-out starts are no longer watched."""
         if self._pool is not None:
             self._pool.close()
         self._channels.close()
+        self._orphans.close()
 
     def __enter__(self) -> KernelManager:
         return self

@@ -1,0 +1,90 @@
+"""Kernels nobody knows about, shut down when they appear.
+
+A kernel start whose answer never came (the `POST /api/kernels` read timed out: a slow
+Enterprise Gateway launch, an overloaded server) may still finish on the server, which then runs
+a kernel no client has the id of, until someone shuts the server down. So the proxy chooses
+each new kernel's id itself (`JupyterClient.start_kernel`), and `OrphanReaper` looks for a
+timed-out start's kernel under that id for `WATCH_SECONDS`, shutting it down once it appears.
+A server that ignores the chosen id (see the README) starts its kernel under another one, which
+stays unknown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.kernels.errors import KernelError, KernelNotFound
+from app.logs import StructuredLogger
+
+WATCH_SECONDS = 600.0  # how long the kernel of a timed-out start is looked for
+POLL_SECONDS = 5.0  # how often
+MAX_WATCHED = 64  # timed-out starts watched at once, at most (the rest are only logged)
+
+
+class OrphanReaper:
+    """Watches the ids of timed-out kernel starts from one background thread (started when
+    needed, gone when nothing is watched)."""
+
+    def __init__(self, shutdown: Callable[[str], Any], logger: StructuredLogger,
+                 poll_seconds: float = POLL_SECONDS) -> None:
+        """`shutdown(kernel_id)` shuts a kernel down (raising `KernelNotFound` if there is
+        none)."""
+        self.shutdown = shutdown
+        self.logger = logger
+        self.poll_seconds = poll_seconds
+        self._lock = threading.Lock()
+        self._watched: dict[str, float] = {}  # kernel id -> until when (monotonic)
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def watch(self, kernel_id: str) -> None:
+        """Shuts the kernel `kernel_id` down if it appears within `WATCH_SECONDS`."""
+        with self._lock:
+            if len(self._watched) >= MAX_WATCHED:
+                self.logger.warning("a kernel start timed out; too many are watched already, "
+                                    "so its kernel is left running if the server starts it",
+                                    kernel_id=kernel_id)
+                return
+            self._watched[kernel_id] = time.monotonic() + WATCH_SECONDS
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kernel-orphan-reaper",
+                                                daemon=True)
+                self._thread.start()
+        self.logger.warning("a kernel start timed out; its kernel will be shut down if the "
+                            "server starts it anyway", kernel_id=kernel_id)
+
+    @property
+    def watched(self) -> list[str]:
+        """The kernel ids being watched."""
+        with self._lock:
+            return list(self._watched)
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.poll_seconds):
+            with self._lock:
+                now = time.monotonic()
+                for kernel_id, until in list(self._watched.items()):
+                    if until <= now:
+                        del self._watched[kernel_id]
+                if not self._watched:
+                    self._thread = None
+                    return
+                pending = list(self._watched)
+            for kernel_id in pending:
+                try:
+                    self.shutdown(kernel_id)
+                except KernelNotFound:
+                    continue  # not started (yet), or under an id of the server's choosing
+                except KernelError:
+                    continue  # the server is unwell: try again at the next round
+                with self._lock:
+                    self._watched.pop(kernel_id, None)
+                self.logger.info("shut down the kernel of a start that had timed out",
+                                 kernel_id=kernel_id)
+
+    def close(self) -> None:
+        """Stops watching (the thread ends within a poll)."""
+        self._closed.set()

@@ -1,0 +1,163 @@
+"""Kernels of timed-out starts (`app/kernels/orphans.py`): a start whose answer never came may
+still finish on the server, under the id the proxy chose; that kernel is shut down once it
+appears, instead of running unknown to anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+import responses
+
+from app import JupyterClient, KernelManager, Settings, StructuredLogger, create_app
+from app.embedded import EmbeddedJupyterServer
+from app.kernels import orphans
+from app.kernels.errors import KernelNotFound, UpstreamTimeout, UpstreamUnavailable
+from app.kernels.orphans import OrphanReaper
+
+KERNEL_ID = "5d1f3b2a-8c4e-4f6a-9b7d-0e2c4a6b8d10"
+
+
+class FakeServer:
+    """`shutdown(kernel_id)` of a server where the kernel appears after `absent_for` calls, and
+    that fails with `failures` first."""
+
+    def __init__(self, absent_for: int = 0, failures: int = 0) -> None:
+        self.absent_for = absent_for
+        self.failures = failures
+        self.calls: list[str] = []
+        self.shut_down = threading.Event()
+
+    def shutdown(self, kernel_id: str) -> None:
+        self.calls.append(kernel_id)
+        if self.failures:
+            self.failures -= 1
+            raise UpstreamUnavailable("cannot reach the Jupyter server")
+        if self.absent_for:
+            self.absent_for -= 1
+            raise KernelNotFound(kernel_id)
+        self.shut_down.set()
+
+
+def reaper_for(server: FakeServer) -> OrphanReaper:
+    return OrphanReaper(server.shutdown, StructuredLogger("test"), poll_seconds=0.01)
+
+
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_the_kernel_is_shut_down_once_it_appears_and_then_no_longer_watched():
+    server = FakeServer(absent_for=3, failures=2)  # not there yet, the server unwell meanwhile
+    reaper = reaper_for(server)
+    reaper.watch(KERNEL_ID)
+    assert server.shut_down.wait(5)
+    assert wait_until(lambda: reaper.watched == [])
+    assert server.calls == [KERNEL_ID] * 6
+    time.sleep(0.05)
+    assert len(server.calls) == 6  # and the thread is gone: nothing more is asked
+
+
+def test_a_kernel_that_never_appears_is_given_up_after_the_watch(monkeypatch):
+    monkeypatch.setattr(orphans, "WATCH_SECONDS", 0.1)
+    server = FakeServer(absent_for=10**6)
+    reaper = reaper_for(server)
+    reaper.watch(KERNEL_ID)
+    assert wait_until(lambda: reaper.watched == [])
+    calls = len(server.calls)
+    assert calls >= 1
+    time.sleep(0.05)
+    assert len(server.calls) == calls
+    reaper.watch("another")  # a later timeout is watched again, by a new thread
+    assert wait_until(lambda: "another" in server.calls)
+
+
+def test_watched_starts_are_bounded(monkeypatch):
+    monkeypatch.setattr(orphans, "MAX_WATCHED", 2)
+    reaper = OrphanReaper(FakeServer(absent_for=10**6).shutdown, StructuredLogger("test"),
+                          poll_seconds=60)
+    for n in range(3):
+        reaper.watch(f"kernel-{n}")
+    assert reaper.watched == ["kernel-0", "kernel-1"]
+    reaper.close()
+
+
+def test_a_start_that_timed_out_watches_the_id_it_asked_for():
+    base = "http://jupyter.test:8888"
+    settings = Settings(server_url=base, token="t0ken-0123456789", kernel_start_timeout=1)
+    with responses.RequestsMock() as upstream, KernelManager(JupyterClient(settings)) as manager:
+        upstream.get(f"{base}/api/kernelspecs",
+                     json={"default": "python3", "kernelspecs": {"python3": {}}})
+        upstream.post(f"{base}/api/kernels", body=requests.ReadTimeout("slow"))
+        with pytest.raises(UpstreamTimeout):
+            manager.start_kernel()
+        asked = upstream.calls[-1].request
+        chosen = json.loads(asked.body)["kernel_id"]
+        assert str(uuid.UUID(chosen)) == chosen
+        assert manager._orphans.watched == [chosen]
+
+
+# -- real servers ----------------------------------------------------------------------------
+
+def test_servers_start_kernels_under_the_id_the_proxy_chose(jupyter_server, settings):
+    # Enterprise Gateway takes it from the start's env only (sent with JUPYTER_KERNEL_ENV).
+    env = {"KERNEL_USERNAME": "proxy"} if jupyter_server.kind == "enterprise_gateway" else None
+    chosen = str(uuid.uuid4())
+    with JupyterClient(settings) as client:
+        kernel_id = client.start_kernel("python3", env, kernel_id=chosen)["id"]
+        client.shutdown_kernel(kernel_id)
+    assert kernel_id == chosen
+
+
+SLOW_START = """
+import asyncio
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+
+class SlowStartKernelManager(AsyncMappingKernelManager):
+    async def start_kernel(self, *args, **kwargs):
+        kernel_id = await super().start_kernel(*args, **kwargs)
+        await asyncio.sleep(3)  # answers late, but the kernel runs from now on
+        return kernel_id
+
+
+c.ServerApp.kernel_manager_class = SlowStartKernelManager
+"""
+
+
+class SlowStartServer(EmbeddedJupyterServer):
+    """A jupyter_server that answers kernel starts 3 s late: an overloaded server, a slow
+    cluster launch behind a gateway."""
+
+    def config(self) -> str:
+        return super().config() + SLOW_START
+
+
+def test_a_kernel_whose_start_timed_out_is_shut_down_when_the_server_starts_it_anyway():
+    with SlowStartServer(startup_timeout=120) as server:
+        app = create_app(Settings(server_url=server.url, token=server.token,
+                                  kernel_start_timeout=1))
+        answer = app.test_client().post("/start_kernel")
+        assert answer.status_code == 504, answer.get_json()
+        watched = app.extensions["kernel_manager"]._orphans.watched
+        rest = requests.Session()
+        rest.headers["Authorization"] = f"token {server.token}"
+        running: list[list[str]] = []
+
+        def kernels() -> list[str]:
+            running.append([k["id"] for k in rest.get(f"{server.url}/api/kernels").json()])
+            return running[-1]
+
+        assert wait_until(lambda: kernels() == watched, timeout=30)  # it runs...
+        assert wait_until(lambda: kernels() == [], timeout=30)  # ...and is shut down
+        app.extensions["kernel_manager"].close()
