@@ -55,7 +55,9 @@ c.EnterpriseGatewayApp.max_kernels = {max_kernels}
 c.EnterpriseGatewayApp.unauthorized_users = set()
 """
 
-EG_REQUIREMENTS = ("jupyter-enterprise-gateway==3.3.0", "ipykernel>=6.29,<7")
+# Pinned whole, so that what the README says of it holds from one build to the next.
+EG_REQUIREMENTS = ("jupyter-enterprise-gateway==3.3.0", "jupyter-server==1.24.0",
+                   "jupyter-client==6.1.12", "pyzmq==24.0.1", "ipykernel==6.29.5")
 EG_VENV = REPO / ".venv-enterprise-gateway"
 
 

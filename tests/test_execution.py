@@ -845,6 +845,25 @@ def test_silent_kernel_is_looked_up_on_the_server_every_liveness_period(clock):
                                 for n in range(1, int((DEADLINE - 16) // LIVENESS_SECONDS) + 1)]
 
 
+def test_an_ordinary_cell_is_not_looked_up_on_the_server(clock):
+    clock.now = 5000.0  # a real monotonic clock is far from 0
+    kernel = FakeKernel(clock, [status("busy"), stream("a"), reply(), status("idle")])
+    events = list(run_execution(kernel, CODE, clock.now + DEADLINE, timeout=TIMEOUT,
+                                crash_wait=CRASH_WAIT, connect_timeout=CONNECT_TIMEOUT,
+                                clock=clock))
+    assert end_of(events) == End()
+    assert kernel.described == []
+
+
+def test_a_look_up_the_server_cannot_answer_changes_nothing(clock):
+    kernel = FakeKernel(clock, [status("busy")], on_interrupt=interrupted_answers(),
+                        model=UpstreamTimeout("slow"))
+    end = end_of(run(kernel))
+    assert end.status == "timeout" and kernel.interrupts == [DEADLINE]
+    assert kernel.described == [n * LIVENESS_SECONDS
+                                for n in range(1, int(DEADLINE // LIVENESS_SECONDS) + 1)]
+
+
 def test_kernel_shut_down_while_silent_is_reported_at_the_next_look_up(clock):
     """A kernel deleted while it was dead (before the server noticed) or hung sends nothing,
     and the server leaves its websocket open."""

@@ -17,7 +17,7 @@ import responses
 from app import JupyterClient, KernelManager, Settings, StructuredLogger, create_app
 from app.embedded import EmbeddedJupyterServer
 from app.kernels import orphans
-from app.kernels.errors import KernelNotFound, UpstreamTimeout, UpstreamUnavailable
+from app.kernels.errors import KernelError, KernelNotFound, UpstreamTimeout, UpstreamUnavailable
 from app.kernels.orphans import OrphanReaper
 
 KERNEL_ID = "5d1f3b2a-8c4e-4f6a-9b7d-0e2c4a6b8d10"
@@ -92,19 +92,91 @@ def test_watched_starts_are_bounded(monkeypatch):
     reaper.close()
 
 
-def test_a_start_that_timed_out_watches_the_id_it_asked_for():
-    base = "http://jupyter.test:8888"
-    settings = Settings(server_url=base, token="t0ken-0123456789", kernel_start_timeout=1)
+def test_a_kernel_whose_shutdown_failed_is_watched(scripted):
+    manager, upstream = scripted
+    upstream.delete(f"{BASE}/api/kernels/{KERNEL_ID}", body=requests.ReadTimeout("slow"))
+    manager._shutdown_quietly(KERNEL_ID)  # a start that failed half-way, a pooled kernel
+    assert manager._orphans.watched == [KERNEL_ID]
+
+
+def test_close_tries_each_watched_kernel_once_more_and_then_watches_nothing():
+    server = FakeServer()
+    reaper = OrphanReaper(server.shutdown, StructuredLogger("test"), poll_seconds=60)
+    reaper.watch(KERNEL_ID)
+    reaper.close()
+    assert server.calls == [KERNEL_ID] and reaper.watched == []
+    reaper.watch("later")
+    assert reaper.watched == []
+
+
+# -- which failed starts are watched (the Python API, against a scripted server) ---------------
+
+BASE = "http://jupyter.test:8888"
+SPECS = {"default": "python3", "kernelspecs": {"python3": {}}}
+
+
+@pytest.fixture
+def scripted():
+    """A KernelManager on a `responses` server, and that server."""
+    settings = Settings(server_url=BASE, token="t0ken-0123456789", kernel_start_timeout=1)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream, \
+            KernelManager(JupyterClient(settings)) as manager:
+        upstream.get(f"{BASE}/api/kernelspecs", json=SPECS)
+        yield manager, upstream
+        manager._orphans.close = lambda: None  # nothing to shut down on a scripted server
+
+
+def asked_id(upstream) -> str:
+    """The kernel id the last start asked for."""
+    posts = [c.request for c in upstream.calls if c.request.method == "POST"]
+    chosen = json.loads(posts[-1].body)["kernel_id"]
+    assert str(uuid.UUID(chosen)) == chosen
+    return chosen
+
+
+@pytest.mark.parametrize("answer", [
+    {"body": requests.ReadTimeout("slow")},  # no answer in time
+    {"body": requests.ConnectionError("reset")},  # the connection broke
+    {"status": 502, "body": "<html>bad gateway</html>"},  # a proxy in front of the server
+], ids=["timeout", "broken", "502"])
+def test_a_start_whose_answer_was_lost_watches_the_id_it_asked_for(scripted, answer):
+    manager, upstream = scripted
+    upstream.post(f"{BASE}/api/kernels", **answer)
+    with pytest.raises(KernelError):
+        manager.start_kernel()
+    assert manager._orphans.watched == [asked_id(upstream)]
+
+
+@pytest.mark.parametrize("status", [400, 403])
+def test_a_refused_start_is_not_watched(scripted, status):
+    manager, upstream = scripted
+    upstream.post(f"{BASE}/api/kernels", status=status, json={"message": "no"})
+    with pytest.raises(KernelError):
+        manager.start_kernel()
+    assert manager._orphans.watched == []
+
+
+def test_a_kernel_spec_check_that_timed_out_is_not_watched():
+    settings = Settings(server_url=BASE, token="t0ken-0123456789")
     with responses.RequestsMock() as upstream, KernelManager(JupyterClient(settings)) as manager:
-        upstream.get(f"{base}/api/kernelspecs",
-                     json={"default": "python3", "kernelspecs": {"python3": {}}})
-        upstream.post(f"{base}/api/kernels", body=requests.ReadTimeout("slow"))
+        upstream.get(f"{BASE}/api/kernelspecs", body=requests.ReadTimeout("slow"))
         with pytest.raises(UpstreamTimeout):
             manager.start_kernel()
-        asked = upstream.calls[-1].request
-        chosen = json.loads(asked.body)["kernel_id"]
-        assert str(uuid.UUID(chosen)) == chosen
-        assert manager._orphans.watched == [chosen]
+        assert manager._orphans.watched == []
+
+
+def test_a_server_that_chose_its_own_id_before_is_not_watched(scripted):
+    manager, upstream = scripted
+    upstream.post(f"{BASE}/api/kernels", json={"id": KERNEL_ID, "name": "python3"})
+    upstream.get(f"{BASE}/api/kernels/{KERNEL_ID}", json={"execution_state": "idle"})
+    upstream.delete(f"{BASE}/api/kernels/{KERNEL_ID}", status=204)
+    with pytest.raises(KernelError):  # the scripted server has no websocket: never ready
+        manager.start_kernel()
+    assert manager._ids_taken is False
+    upstream.post(f"{BASE}/api/kernels", body=requests.ReadTimeout("slow"))
+    with pytest.raises(UpstreamTimeout):
+        manager.start_kernel()
+    assert manager._orphans.watched == []
 
 
 # -- real servers ----------------------------------------------------------------------------
@@ -147,17 +219,18 @@ def test_a_kernel_whose_start_timed_out_is_shut_down_when_the_server_starts_it_a
     with SlowStartServer(startup_timeout=120) as server:
         app = create_app(Settings(server_url=server.url, token=server.token,
                                   kernel_start_timeout=1))
-        answer = app.test_client().post("/start_kernel")
-        assert answer.status_code == 504, answer.get_json()
-        watched = app.extensions["kernel_manager"]._orphans.watched
-        rest = requests.Session()
-        rest.headers["Authorization"] = f"token {server.token}"
-        running: list[list[str]] = []
+        manager = app.extensions["kernel_manager"]
+        try:
+            answer = app.test_client().post("/start_kernel")
+            assert answer.status_code == 504, answer.get_json()
+            watched = manager._orphans.watched
+            rest = requests.Session()
+            rest.headers["Authorization"] = f"token {server.token}"
 
-        def kernels() -> list[str]:
-            running.append([k["id"] for k in rest.get(f"{server.url}/api/kernels").json()])
-            return running[-1]
+            def kernels() -> list[str]:
+                return [k["id"] for k in rest.get(f"{server.url}/api/kernels").json()]
 
-        assert wait_until(lambda: kernels() == watched, timeout=30)  # it runs...
-        assert wait_until(lambda: kernels() == [], timeout=30)  # ...and is shut down
-        app.extensions["kernel_manager"].close()
+            assert watched and wait_until(lambda: kernels() == watched, timeout=30)  # it runs
+            assert wait_until(lambda: kernels() == [], timeout=30)  # ...and is shut down
+        finally:
+            manager.close()

@@ -134,6 +134,12 @@ def test_a_single_huge_print_keeps_its_start():
     assert answer["truncated"] is True
 
 
+def test_a_huge_non_ascii_print_keeps_at_most_the_cap_in_bytes_and_whole_characters():
+    answer = fold(stream("日本" * 10_000), reply(), status("idle"), cap=1000).answer()
+    assert answer["stdout"] == "日本" * 166 + "日"  # 333 characters of 3 bytes: 999 bytes
+    assert answer["truncated"] is True
+
+
 def test_output_that_is_not_a_stream_is_dropped_whole_past_the_cap():
     image = msg("display_data", {"data": {"image/png": "P" * 5000}, "metadata": {}})
     answer = fold(image, reply(), status("idle"), cap=1000).answer()

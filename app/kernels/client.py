@@ -39,6 +39,7 @@ KERNELSPEC_CACHE_SECONDS = 10.0
 # Limit"; EG: "A max kernels limit has been set ..." and "A max kernels per user limit ..."),
 # and any listing of kernels unless it is turned on.
 KERNEL_LIMIT_WORDS = ("resource limit", "max kernels")
+START_REQUEST = "POST /api/kernels"  # as errors name it in their `request` detail
 LISTING_REFUSED = (
     "the Jupyter server refuses to list its kernels (HTTP 403) although it accepts the proxy's "
     "token: Kernel Gateway and Enterprise Gateway do unless listing is turned on "
@@ -128,9 +129,10 @@ class JupyterClient:
             raise UpstreamError("the Jupyter server answered a kernel start without a kernel id")
         return model
 
-    def get_kernel(self, kernel_id: str) -> dict[str, Any]:
-        """`GET /api/kernels/{id}`: the kernel's model."""
-        return self._request("GET", f"/api/kernels/{kernel_id}", kernel_id=kernel_id)
+    def get_kernel(self, kernel_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """`GET /api/kernels/{id}`: the kernel's model (`timeout`: `JUPYTER_TIMEOUT_TOTAL`)."""
+        return self._request("GET", f"/api/kernels/{kernel_id}", kernel_id=kernel_id,
+                             timeout=timeout)
 
     def list_kernels(self) -> list[dict[str, Any]]:
         """`GET /api/kernels`: every kernel the server runs.

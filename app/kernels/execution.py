@@ -39,6 +39,7 @@ RECONNECT_ATTEMPTS = 3  # websockets reopened in one execution, at most
 RECONNECT_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # backoff between tries to reopen one
 MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
 LIVENESS_SECONDS = 10.0  # silence while code runs after which the server is asked about the kernel
+LOOKUP_SECONDS = 5.0  # longest wait for the server's answer to that question
 CANCEL_POLL_SECONDS = 0.5  # how often `cancelled` is asked while the kernel is silent
 PROBE_PAUSES = (0.5, 1.0, 2.0)  # between kernel_info requests to a kernel being restarted
 SEQUENCE_SLACK = 4  # how far out of order a kernel's threads send its numbered messages
@@ -63,7 +64,8 @@ class KernelControl(Protocol):
         """Takes back a channel the loop is done with (`reusable`: it is in a known state)."""
 
     def describe(self) -> dict[str, Any]:
-        """The server's model of the kernel (`execution_state`, `connections`, ...)."""
+        """The server's model of the kernel (`execution_state`, `connections`, ...), within a
+        few seconds (`KernelNotFound` if the server has no such kernel)."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ class _Run:
             yield End("cancelled", _cancel_error("not_sent"))
             return
         self.channel.send(request)
+        self.last_heard = self.clock()  # silence is counted from here
         yield Sent()
         while True:
             yield from self._collect(self.deadline)
@@ -295,14 +298,14 @@ class _Run:
             kernel_id=self.channel.kernel_id if self.channel else None)
 
     def _ask_server(self, answer_may_be_lost: bool) -> None:
-        """Looks the silent kernel up on the server. Gone: it was shut down (`death`). Idle
+        """Looks the silent kernel up on the server. Not there: it is `gone` (`death`). Idle
         although this request is not complete, when `answer_may_be_lost`: the code finished,
         and its answer went with a broken connection (raises ConnectionLost).
         """
         try:
             state = self.kernel.describe().get("execution_state")
         except KernelNotFound:
-            self.death = "shutdown"
+            self.death = "gone"
             return
         except KernelError:
             return
@@ -362,7 +365,7 @@ class _Run:
                 self.channel = self.kernel.connect(
                     self.session_id, max(min(self.connect_timeout, until - self.clock()), 0.1))
             except KernelNotFound:
-                self.death = "shutdown"  # the kernel went away with the connection
+                self.death = "gone"  # the kernel went away with the connection
                 return
             except KernelError as err:
                 error = err
@@ -376,14 +379,16 @@ class _Run:
         """Waits for the server to bring a dead kernel back, yielding this request's messages
         meanwhile (a kernel that died before running the code runs it once restarted).
 
-        Returns `restarted`, `dead`, `shutdown`, or `restarting` if the server said neither
-        before `until`. A restarted kernel counts as back once it runs this code, or once the
-        new process answers a `kernel_info_request`. One is sent at once and then after each
-        of `PROBE_PAUSES` (the last repeating): the server holds them until the kernel is
-        back, whereas the new kernel's `starting` status is easily missed (it can go out before
-        the server's subscription reaches the new process).
+        Returns `restarted`, `dead`, `shutdown`, `gone` (the server no longer has the kernel),
+        or `restarting` if the server said none of these before `until`. A restarted kernel
+        counts as back once it runs this code, or once the new process answers a
+        `kernel_info_request`. One is sent at once and then after each of `PROBE_PAUSES` (the
+        last repeating): the server holds them until the kernel is back, whereas the new
+        kernel's `starting` status is easily missed (it can go out before the server's
+        subscription reaches the new process). From the second on, each probe also looks the
+        kernel up on the server.
         """
-        if self.death in ("dead", "shutdown"):
+        if self.death in ("dead", "shutdown", "gone"):
             return self.death
         ran_before = self.started
         probes: set[str] = set()
@@ -395,14 +400,14 @@ class _Run:
             if self.clock() >= next_probe:
                 if probes:  # still not back: is it still there?
                     self._ask_server(answer_may_be_lost=False)
-                    if self.death == "shutdown":
-                        return "shutdown"
+                    if self.death == "gone":
+                        return "gone"
                 probes.add(self._probe())
                 pause = next(pauses, pause)
                 next_probe = self.clock() + pause
             received = self._recv(min(until, next_probe), reconnect_until=until)
-            if self.death == "shutdown":
-                return "shutdown"
+            if self.death == "gone":
+                return "gone"
             if received is None:
                 continue
             message, size = received
@@ -588,6 +593,11 @@ def _crash_error(state: str, crash_wait: float, ran: bool,
     if state == "shutdown":
         return {"ename": "KernelDied",
                 "evalue": "the kernel was shut down while running this code: it is gone",
+                "traceback": []}
+    if state == "gone":
+        return {"ename": "KernelDied",
+                "evalue": "the kernel is gone from the Jupyter server while running this code "
+                          "(shut down, or dead and not restarted): its state is lost",
                 "traceback": []}
     after = {
         "restarted": "the Jupyter server restarted it: the same kernel id works again, with "

@@ -21,7 +21,7 @@ from typing import Any
 
 from app.kernels import protocol
 from app.kernels.channel import KernelChannel
-from app.kernels.client import JupyterClient
+from app.kernels.client import START_REQUEST, JupyterClient
 from app.kernels.connections import ChannelCache
 from app.kernels.locks import KernelLocks
 from app.kernels.orphans import OrphanReaper
@@ -30,12 +30,15 @@ from app.kernels.errors import (
     CodeTooLarge,
     InvalidRequest,
     KernelError,
+    KernelNotFound,
     TooManyKernels,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from app.kernels.execution import (
     INTERRUPT_GRACE_SECONDS,
+    LOOKUP_SECONDS,
     End,
     Event,
     Message,
@@ -64,6 +67,13 @@ def check_kernel_id(kernel_id: str) -> str:
         return kernel_id
     raise InvalidRequest("id must be a kernel id: a canonical UUID such as "
                          "'0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10'", field="id")
+
+
+def _answer_lost(err: KernelError) -> bool:
+    """Whether a failed request may still have been carried out: no answer came, or the
+    server (or a proxy in front of it) failed with a 5xx."""
+    return isinstance(err, (UpstreamTimeout, UpstreamUnavailable)) or (
+        isinstance(err, UpstreamError) and err.details.get("upstream_status", 0) >= 500)
 
 
 def _check_text(value: str, field: str) -> None:
@@ -95,12 +105,13 @@ class KernelManager:
         """What belongs to one process: warm websockets, ready kernels, thread locks."""
         self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions)
         self._orphans = OrphanReaper(self.client.shutdown_kernel, self.logger)
+        self._ids_taken: bool | None = None  # whether the server starts kernels under our ids
         self._channels = ChannelCache(self.settings.max_idle_connections,
                                       used_elsewhere=self._used_by_another_process)
         self._pool = KernelPool(self._pool_size, self.settings.kernel_name,
                                 start=lambda: self._start_new(self.settings.kernel_name,
                                                               warm=True),
-                                alive=self._is_alive, shutdown=self.client.shutdown_kernel) \
+                                alive=self._is_alive, shutdown=self._shutdown_quietly) \
             if self._pool_size > 0 else None
 
     def _used_by_another_process(self, kernel_id: str) -> bool:
@@ -179,17 +190,26 @@ class KernelManager:
             return self._post_start(name)
 
     def _post_start(self, name: str) -> dict[str, Any]:
-        """`POST /api/kernels` under an id of our choosing: if the answer never comes, the
-        kernel is shut down should the server start it anyway (`orphans`).
+        """`POST /api/kernels` under an id of our choosing: if the answer is lost (a timeout,
+        a broken connection, a 5xx from the server or a proxy in front of it), the kernel is
+        shut down should the server start it anyway (`orphans`).
         """
         kernel_id = str(uuid.uuid4())
         try:
-            return self.client.start_kernel(name, self.settings.kernel_env_vars or None,
-                                            kernel_id=kernel_id)
-        except UpstreamTimeout as err:
-            if err.details.get("request") == "POST /api/kernels":  # not the kernel spec check
+            model = self.client.start_kernel(name, self.settings.kernel_env_vars or None,
+                                             kernel_id=kernel_id)
+        except KernelError as err:
+            if err.details.get("request") != START_REQUEST or not _answer_lost(err):
+                raise
+            if self._ids_taken is not False:
                 self._orphans.watch(kernel_id)
+            else:
+                self.logger.warning("a kernel start failed without an answer; if the server "
+                                    "starts the kernel anyway, it runs unknown to the proxy "
+                                    "(this server chooses kernel ids itself)")
             raise
+        self._ids_taken = model["id"] == kernel_id
+        return model
 
     def _is_alive(self, kernel_id: str) -> bool:
         """True if the kernel still answers: its warm channel is clean, or one can be opened."""
@@ -369,11 +389,14 @@ class KernelManager:
         return float(timeout)
 
     def _shutdown_quietly(self, kernel_id: str) -> None:
+        """Shuts down a kernel nobody else knows of; if the server cannot say it did, the
+        kernel is watched and shut down later (`orphans`)."""
         try:
             self.client.shutdown_kernel(kernel_id)
+        except KernelNotFound:
+            pass
         except KernelError:
-            self.logger.warning("could not shut down a kernel that failed to start",
-                                kernel_id=kernel_id)
+            self._orphans.watch(kernel_id)
 
 
 class Execution:
@@ -498,7 +521,7 @@ class _Kernel:
             channel.close()
 
     def describe(self) -> dict[str, Any]:
-        return self.client.get_kernel(self.kernel_id)
+        return self.client.get_kernel(self.kernel_id, timeout=LOOKUP_SECONDS)
 
     def interrupt(self) -> None:
         self.client.interrupt_kernel(self.kernel_id, timeout=INTERRUPT_GRACE_SECONDS)

@@ -1,12 +1,14 @@
 """Kernels nobody knows about, shut down when they appear.
 
-A kernel start whose answer never came (the `POST /api/kernels` read timed out: a slow
-Enterprise Gateway launch, an overloaded server) may still finish on the server, which then runs
-a kernel no client has the id of, until someone shuts the server down. So the proxy chooses
-each new kernel's id itself (`JupyterClient.start_kernel`), and `OrphanReaper` looks for a
-timed-out start's kernel under that id for `WATCH_SECONDS`, shutting it down once it appears.
-A server that ignores the chosen id (see the README) starts its kernel under another one, which
-stays unknown.
+A kernel start whose answer was lost (the `POST /api/kernels` read timed out on a slow
+Enterprise Gateway launch or an overloaded server, the connection broke, a proxy in front of
+the server answered 502) may still finish on the server, which then runs a kernel no client has
+the id of, until someone shuts the server down. So the proxy chooses each new kernel's id
+itself (`JupyterClient.start_kernel`), and `OrphanReaper` looks for such a start's kernel under
+that id for `WATCH_SECONDS`, shutting it down once it appears. It also retries shutdowns of
+kernels nobody else knows of (a start that failed half-way, a pooled kernel) that the server
+did not confirm. A server that ignores the chosen id (see the README) starts its kernel under
+another one, which stays unknown.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ MAX_WATCHED = 64  # timed-out starts watched at once, at most (the rest are only
 
 
 class OrphanReaper:
-    """Watches the ids of timed-out kernel starts from one background thread (started when
+    """Watches the ids of kernels nobody knows of from one background thread (started when
     needed, gone when nothing is watched)."""
 
     def __init__(self, shutdown: Callable[[str], Any], logger: StructuredLogger,
@@ -43,9 +45,9 @@ class OrphanReaper:
     def watch(self, kernel_id: str) -> None:
         """Shuts the kernel `kernel_id` down if it appears within `WATCH_SECONDS`."""
         with self._lock:
-            if len(self._watched) >= MAX_WATCHED:
-                self.logger.warning("a kernel start timed out; too many are watched already, "
-                                    "so its kernel is left running if the server starts it",
+            if self._closed.is_set() or len(self._watched) >= MAX_WATCHED:
+                self.logger.warning("a kernel nobody knows of may be left running: it is not "
+                                    "watched (too many are, or the proxy is stopping)",
                                     kernel_id=kernel_id)
                 return
             self._watched[kernel_id] = time.monotonic() + WATCH_SECONDS
@@ -53,8 +55,8 @@ class OrphanReaper:
                 self._thread = threading.Thread(target=self._run, name="kernel-orphan-reaper",
                                                 daemon=True)
                 self._thread.start()
-        self.logger.warning("a kernel start timed out; its kernel will be shut down if the "
-                            "server starts it anyway", kernel_id=kernel_id)
+        self.logger.warning("a kernel nobody knows of may run on the server: it will be shut "
+                            "down when it appears", kernel_id=kernel_id)
 
     @property
     def watched(self) -> list[str]:
@@ -82,9 +84,18 @@ class OrphanReaper:
                     continue  # the server is unwell: try again at the next round
                 with self._lock:
                     self._watched.pop(kernel_id, None)
-                self.logger.info("shut down the kernel of a start that had timed out",
-                                 kernel_id=kernel_id)
+                self.logger.info("shut down a kernel nobody knew of", kernel_id=kernel_id)
 
     def close(self) -> None:
-        """Stops watching (the thread ends within a poll)."""
-        self._closed.set()
+        """Stops watching, after one last try at each kernel watched (the thread ends within
+        a poll)."""
+        with self._lock:
+            self._closed.set()
+            last = list(self._watched)
+            self._watched.clear()
+        for kernel_id in last:
+            try:
+                self.shutdown(kernel_id)
+            except KernelError:
+                continue
+            self.logger.info("shut down a kernel nobody knew of", kernel_id=kernel_id)

@@ -73,8 +73,10 @@ class ExecutionResult:
                     self._clear_if_pending()  # it came, even if it is not kept
                 if msg_type != "stream" or room <= 0:
                     return []
-                # Keep what fits of a stream that crosses the cap: the start of a big print.
-                content = {**content, "text": str(content.get("text", ""))[:room]}
+                # Keep what fits of a stream that crosses the cap: the start of a big print,
+                # cut at `room` bytes of UTF-8 (never inside a character).
+                kept = str(content.get("text", "")).encode(errors="replace")[:room]
+                content = {**content, "text": kept.decode(errors="ignore")}
                 message = {**message, "content": content}
                 size = room
             self.kept_bytes += size
