@@ -149,17 +149,25 @@ def test_segfault_is_reported_as_crashed_within_seconds(http, kernel):
     assert value(run(http, kernel, "1 + 1")) == "2"
 
 
-def test_kernel_shut_down_mid_cell_is_reported_at_once(http, manager):
+def shut_down_during(http, manager, code: str, after: float) -> tuple[dict, float]:
+    """Runs `code` through `http` on a new kernel that is shut down `after` seconds in; returns
+    the answer and how long it came after the shutdown."""
     kernel_id = manager.start_kernel()["id"]
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
-        run(http, kernel_id, "import time; time.sleep(60)", timeout=50)))
+        run(http, kernel_id, code, timeout=120)))
     thread.start()
-    time.sleep(1)
+    time.sleep(after)
     started = time.monotonic()
     manager.shutdown_kernel(kernel_id)
-    thread.join(30)
-    assert time.monotonic() - started < 10
+    thread.join(60)
+    assert not thread.is_alive()
+    return result, time.monotonic() - started
+
+
+def test_kernel_shut_down_mid_cell_is_reported_at_once(http, manager):
+    result, seconds = shut_down_during(http, manager, "import time; time.sleep(60)", after=1)
+    assert seconds < 10
     assert result["status"] == "crashed"
     assert "shut down" in result["error"]["evalue"]
 
@@ -168,17 +176,9 @@ def test_kernel_that_died_and_was_shut_down_before_the_server_noticed_is_reporte
                                                                                   manager):
     # The server notices a death within ~3 s; deleted before that, the kernel says nothing more
     # and its websocket stays open: the proxy must find out by itself, well before the deadline.
-    kernel_id = manager.start_kernel()["id"]
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(
-        run(http, kernel_id, "import os, time; time.sleep(0.5); os._exit(1)", timeout=120)))
-    thread.start()
-    time.sleep(0.8)
-    started = time.monotonic()
-    manager.shutdown_kernel(kernel_id)
-    thread.join(60)
-    assert not thread.is_alive()
-    assert time.monotonic() - started < 20
+    result, seconds = shut_down_during(
+        http, manager, "import os, time; time.sleep(0.5); os._exit(1)", after=0.8)
+    assert seconds < 20
     assert result["status"] == "crashed"
     # Gone, however the proxy learnt it (a look-up; or the server noticed the death first).
     assert "gone" in result["error"]["evalue"]
