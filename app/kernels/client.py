@@ -98,10 +98,10 @@ class JupyterClient:
                      kernel_id: str | None = None) -> dict[str, Any]:
         """`POST /api/kernels`: the new kernel's model (it may still be starting).
 
-        `kernel_id` (a new UUID) asks for the new kernel's id: jupyter_server 2 and Kernel
-        Gateway 3 take it from the body, Enterprise Gateway from `KERNEL_ID` in `env` (so it
-        goes there too when an `env` is sent); other servers choose their own. The answer's id
-        is the kernel's, whichever was taken.
+        `kernel_id` (a new UUID) asks for the new kernel's id: jupyter_server (2.21 checked) and
+        Kernel Gateway 3 take it from the body, Enterprise Gateway 3 from `KERNEL_ID` in `env`
+        (so it goes there too when an `env` is sent); other servers choose their own. The
+        answer's id is the kernel's, whichever was taken.
 
         `env` is sent in the body when given: Kernel Gateway and Enterprise Gateway pass its
         `KERNEL_*` variables (and those their `env_whitelist` allows) to the kernel, which then

@@ -365,7 +365,7 @@ class KernelManager:
 
     def close(self) -> None:
         """Shuts the pooled kernels down and closes the warm websockets; safe to call twice.
-        Kernels of timed-out starts are no longer watched."""
+        Each kernel still watched (`orphans`) gets one last try at a shutdown."""
         if self._pool is not None:
             self._pool.close()
         self._channels.close()
