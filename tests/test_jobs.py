@@ -31,9 +31,17 @@ def kernel_id(proxy_kernel: str) -> str:
     return proxy_kernel
 
 
-def submit(proxy: ProxyProcess, kernel: str, code: str, **fields) -> dict:
-    response = requests.post(f"{proxy.url}/execute_code", timeout=60,
-                             json={"id": kernel, "code": code, "mode": "async", **fields})
+def submit(proxy: ProxyProcess, kernel: str, code: str, again_if_recycling: bool = False,
+           **fields) -> dict:
+    """Submits a job; `again_if_recycling`: as a 503 `jobs_unavailable` tells clients to, submit
+    again (to the next worker) if the worker that took it is about to be recycled."""
+    for _ in range(40):
+        response = requests.post(f"{proxy.url}/execute_code", timeout=60,
+                                 json={"id": kernel, "code": code, "mode": "async", **fields})
+        if not (again_if_recycling and response.status_code == 503
+                and response.json()["error"] == "jobs_unavailable"):
+            break
+        time.sleep(0.25)
     assert response.status_code == 202, response.text
     job = response.json()
     assert response.headers["Location"] == job["url"] == f"/executions/{job['execution_id']}"
@@ -262,8 +270,10 @@ def test_a_worker_due_for_recycling_finishes_its_jobs_and_keeps_serving(jupyter_
     with proxy_for(jupyter_server, "--workers", "1", "--gunicorn-config", str(config),
                    env={"JUPYTER_JOB_STORE": store}) as proxy:
         kernel = requests.post(f"{proxy.url}/start_kernel", timeout=120).json()["id"]
+        # The worker may recycle right after the start (nothing runs then): that one refuses
+        # the job, and the next takes it.
         job = submit(proxy, kernel, "import time\nprint('start', flush=True)\n"
-                                    "time.sleep(6)\nprint('end')")
+                                    "time.sleep(6)\nprint('end')", again_if_recycling=True)
         worker = [line["pid"] for line in proxy.log_lines()
                   if line.get("message") == "job submitted"][0]
         for _ in range(6):  # past max_requests while the job runs
