@@ -8,7 +8,6 @@ jupyter_server 2 and Kernel Gateway 3 choose, and JSON, which older servers and 
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -19,7 +18,7 @@ import requests
 
 from app import JupyterClient, KernelManager, Settings, create_app
 from app.embedded import EmbeddedJupyterServer, free_port
-from tests.conftest import _shutdown, post
+from tests.conftest import _shutdown, post, proxy_for
 from tests.forwarder import TcpForwarder
 from tests.gateway import KernelGatewayServer
 
@@ -48,10 +47,6 @@ def shared_kernel(manager):
     _shutdown(manager, kernel_id)
 
 
-def proxy_env(jupyter_server, encoding: str) -> dict[str, str]:
-    """The environment of a real proxy in front of `jupyter_server`, in `encoding`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
-    return {**env, "JUPYTER_TOKEN": jupyter_server.token, "JUPYTER_WEBSOCKET_PROTOCOL": encoding}
 
 
 def run(http, kernel_id: str, code: str, **extra) -> dict:
@@ -318,13 +313,9 @@ def test_connection_that_cannot_be_reopened_is_a_clear_error_and_kernel_stays_us
 
 @pytest.fixture(scope="module")
 def service(jupyter_server, encoding):
-    from tests.conftest import ProxyProcess
-
-    proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2",
-                          "--threads", "8"], proxy_env(jupyter_server, encoding))
-    proxy.wait_until_serving()
-    yield proxy
-    proxy.stop()
+    with proxy_for(jupyter_server, "--workers", "2", "--threads", "8",
+                   env={"JUPYTER_WEBSOCKET_PROTOCOL": encoding}) as proxy:
+        yield proxy
 
 
 def remote(url: str, kernel_id: str, code: str, **extra) -> dict:
@@ -384,7 +375,8 @@ def test_deadline_while_queued_neither_interrupts_nor_runs_later(service):
 
 def test_sigterm_lets_a_running_execution_finish(start_proxy, jupyter_server, encoding):
     proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
-                        env=proxy_env(jupyter_server, encoding))
+                        env={"JUPYTER_TOKEN": jupyter_server.token,
+                             "JUPYTER_WEBSOCKET_PROTOCOL": encoding})
     kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(remote, proxy.url, kernel_id,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.kernels.errors import KernelError, KernelNotFound
+from app.kernels.errors import KernelError
 from app.logs import StructuredLogger
 
 WATCH_SECONDS = 600.0  # how long the kernel of a timed-out start is looked for
@@ -76,15 +76,9 @@ class OrphanReaper:
                     return
                 pending = list(self._watched)
             for kernel_id in pending:
-                try:
-                    self.shutdown(kernel_id)
-                except KernelNotFound:
-                    continue  # not started (yet), or under an id of the server's choosing
-                except KernelError:
-                    continue  # the server is unwell: try again at the next round
-                with self._lock:
-                    self._watched.pop(kernel_id, None)
-                self.logger.info("shut down a kernel nobody knew of", kernel_id=kernel_id)
+                if self._try_shutdown(kernel_id):
+                    with self._lock:
+                        self._watched.pop(kernel_id, None)
 
     def close(self) -> None:
         """Stops watching, after one last try at each kernel watched (the thread ends within
@@ -94,8 +88,14 @@ class OrphanReaper:
             last = list(self._watched)
             self._watched.clear()
         for kernel_id in last:
-            try:
-                self.shutdown(kernel_id)
-            except KernelError:
-                continue
-            self.logger.info("shut down a kernel nobody knew of", kernel_id=kernel_id)
+            self._try_shutdown(kernel_id)
+
+    def _try_shutdown(self, kernel_id: str) -> bool:
+        """True if the kernel was shut down. Not found: not started (yet), or under an id of
+        the server's choosing; another error: the server is unwell (the next round retries)."""
+        try:
+            self.shutdown(kernel_id)
+        except KernelError:
+            return False
+        self.logger.info("shut down a kernel nobody knew of", kernel_id=kernel_id)
+        return True
