@@ -10,10 +10,13 @@ import shutil
 import sys
 import tempfile
 
+from app.embedded import keep_environment_private
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.metrics import MULTIPROC_DIR, worker_exited
 from app.settings import Settings, SettingsError, environment_with_dotenv
 from app.worker import WORKER_CLASS
+
+keep_environment_private()  # the key and token stay out of /proc/<pid>/environ (workers too)
 
 try:
     _settings = Settings.from_environment(environment_with_dotenv(".env"))

@@ -6,8 +6,10 @@ Reads `.env` from the working directory (the environment wins over it), then bui
 from dotenv import load_dotenv
 
 from app import Settings, create_app
+from app.embedded import keep_environment_private
 from app.logs import configure_logging
 
+keep_environment_private()  # the key and token stay out of /proc/<pid>/environ
 load_dotenv(".env")
 settings = Settings.from_environment()
 configure_logging(settings.log_level, settings.secrets)

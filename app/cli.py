@@ -16,7 +16,7 @@ from typing import Any
 from gunicorn.app.base import Application
 
 from app import __version__, create_app
-from app.embedded import PR_SET_DUMPABLE, EmbeddedJupyterServer, EmbeddedServerError, prctl
+from app.embedded import EmbeddedJupyterServer, EmbeddedServerError, keep_environment_private
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
 from app.logs import StructuredLogger, configure_logging, register_secrets
 from app.metrics import MULTIPROC_DIR, worker_exited
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.secrets)
     log = StructuredLogger("app.cli")
-    _keep_environment_private()
+    keep_environment_private()
     config_file = args.gunicorn_config or next(
         (str(p) for p in GUNICORN_CONFIG_PLACES if p.is_file()), None)
     if config_file is None or not Path(config_file).is_file():
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.embedded:
             embedded = EmbeddedJupyterServer(startup_timeout=settings.kernel_start_timeout)
             embedded.start()
+            embedded.supervise()  # started again, same URL, if it dies under us
             register_secrets([embedded.token])
             settings = settings.replace(server_url=embedded.url, token=embedded.token)
             if not settings.job_store:
@@ -195,13 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                 if directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)
     return 0
-
-
-def _keep_environment_private() -> None:
-    """On Linux, makes this process (and the workers it forks) non-dumpable, so that code of
-    the same user, such as a kernel, cannot read the API key from /proc/<pid>/environ.
-    """
-    prctl(PR_SET_DUMPABLE, 0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -76,6 +77,9 @@ class ServerProcess:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
+        self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()  # a restart and stop() never overlap
+        self._watcher: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -135,7 +139,7 @@ class ServerProcess:
         try:
             self._wait_until_serving()
         except BaseException:
-            self.stop()
+            self._stop(20.0)
             raise
         config.unlink()  # read at start-up; the token needs no copy on disk from now on
         self.logger.info(f"{self.name} ready", server_pid=self.process.pid, url=self.url)
@@ -156,8 +160,51 @@ class ServerProcess:
         raise self.error(f"the {self.name} did not answer within {self.startup_timeout:g} s:"
                          "\n" + self._log_tail())
 
+    def supervise(self, interval: float = 1.0) -> None:
+        """Restarts the server, on the same port with the same token, whenever it exits on its
+        own (killed, crashed), until stop(). Its kernels are gone with it; the proxy answers
+        503 `upstream_unavailable` meanwhile.
+
+        The watching thread starts the new server, which (PR_SET_PDEATHSIG) dies with that
+        thread: it lives until stop().
+        """
+        self._stopping.clear()
+        self._watcher = threading.Thread(target=self._watch, args=(interval,), daemon=True,
+                                         name="embedded-server-watcher")
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        backoff = interval
+        while not self._stopping.wait(backoff):
+            with self._lifecycle:
+                if self._stopping.is_set() or self.process is None \
+                        or self.process.poll() is None:
+                    backoff = interval
+                    continue
+                self.logger.error(f"{self.name} exited on its own; starting it again",
+                                  server_pid=self.process.pid, log_tail=self._log_tail(5))
+                try:
+                    self._start_again()
+                    backoff = interval
+                except self.error as err:
+                    backoff = min(backoff * 2, 30.0)
+                    self.logger.error(f"{self.name} could not be started again; trying again "
+                                      f"in {backoff:g} s", reason=str(err))
+
+    def _start_again(self) -> None:
+        self.process = None
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        self.requested_port = self.port  # the proxy's workers know this URL
+        self.start()
+
     def stop(self, timeout: float = 20.0) -> None:
         """Stops the server, which shuts its kernels down on SIGTERM. Safe to call twice."""
+        self._stopping.set()
+        with self._lifecycle:
+            self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -217,6 +264,14 @@ def prctl(option: int, value: int) -> None:
         libc.prctl(option, value)
     except (OSError, AttributeError):
         pass
+
+
+def keep_environment_private() -> None:
+    """On Linux, makes this process (and the workers it forks) non-dumpable, so that code of
+    the same user, such as a kernel, cannot read the API key or the token from
+    /proc/<pid>/environ. Every entry point calls it: the command, `gunicorn.conf.py`, `wsgi.py`.
+    """
+    prctl(PR_SET_DUMPABLE, 0)
 
 
 def _die_with_parent() -> None:

@@ -274,7 +274,8 @@ class JobRunner:
         progress = _Progress(self, job_id)
         answer = _empty_answer()
         try:
-            with self.manager.begin_execution(kernel_id, code, timeout,
+            # Not refused for the kernel's queue: JUPYTER_MAX_RUNNING_JOBS bounds jobs.
+            with self.manager.begin_execution(kernel_id, code, timeout, queue_limited=False,
                                               poll=progress.save_if_due) as execution:
                 progress.execution = execution
                 for update in execution.updates():

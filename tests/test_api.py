@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from app import create_app
+from app.kernels.locks import private_directory
 from tests.conftest import post
 
 UNKNOWN_KERNEL = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"  # a well-formed id no server has
@@ -244,9 +245,11 @@ def test_unknown_kernel_spec_is_400_listing_the_known_ones(http):
     ("/execute_code", {"id": UNKNOWN_KERNEL, "code": "1"}),
     ("/shutdown_kernel", {"id": UNKNOWN_KERNEL}),
 ])
-def test_unknown_kernel_is_404(http, path, body):
+def test_unknown_kernel_is_404(http, settings, path, body):
     body = assert_error(http.post(path, json=body), 404, "kernel_not_found")
     assert UNKNOWN_KERNEL in body["message"]
+    lock_file = private_directory(settings.server_url) / f"{UNKNOWN_KERNEL}.lock"
+    assert not lock_file.exists(), "nothing is left behind for an id no server has"
 
 
 def test_unknown_route_is_404_json(http):

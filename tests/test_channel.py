@@ -205,6 +205,28 @@ def test_a_frame_that_is_no_jupyter_message_is_skipped_and_counted():
     assert channel.dropped == 1
 
 
+def test_a_message_nested_too_deeply_to_decode_is_skipped_and_counted():
+    import websocket
+
+    good = protocol.encode({**protocol.kernel_info_request("s"), "channel": "iopub"})
+    nested = '{"header": ' + "[" * 200_000 + "]" * 200_000 + "}"
+
+    class Frames:
+        sock = None
+        queue = [nested.encode(), good.encode()]
+
+        def settimeout(self, timeout: float) -> None:
+            pass
+
+        def recv_data_frame(self, control_frame: bool = False):
+            return websocket.ABNF.OPCODE_TEXT, type("Frame", (), {"data": self.queue.pop(0)})
+
+    channel = KernelChannel(Frames(), "k", "s", v1=False)
+    message, _ = channel.recv(5)
+    assert message["msg_type"] == "kernel_info_request"
+    assert channel.dropped == 1
+
+
 def test_a_subprotocol_the_proxy_did_not_offer_is_refused():
     with fake_websocket_server(subprotocol=b"something.else") as url, \
             pytest.raises(UpstreamError, match="unknown websocket subprotocol"):

@@ -47,9 +47,9 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 
 
 def embedded_server_pid(proxy: ProxyProcess) -> int:
-    """The embedded Jupyter server's pid, as the proxy logged it."""
-    return next(line["server_pid"] for line in proxy.log_lines()
-                if line.get("message") == "embedded jupyter server ready")
+    """The embedded Jupyter server's pid, as the proxy logged it (last)."""
+    return [line["server_pid"] for line in proxy.log_lines()
+            if line.get("message") == "embedded jupyter server ready"][-1]
 
 
 def test_state_is_shared_by_every_worker(start_proxy, jupyter_server):
@@ -125,6 +125,29 @@ def test_embedded_server_and_its_kernels_go_with_the_proxy(start_proxy, sig):
     server_pid = embedded_server_pid(proxy)
     proxy.stop(sig)
     assert wait_gone([server_pid, kernel_pid]) == []
+
+
+def test_an_embedded_server_that_dies_is_started_again(start_proxy):
+    proxy = start_proxy("--embedded", "--workers", "1", env={"JUPYTER_POOL_SIZE": "0"})
+    kernel_id = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    server_pid = embedded_server_pid(proxy)
+    os.kill(server_pid, signal.SIGKILL)  # the OOM killer, say
+    deadline = time.monotonic() + 90
+    while True:
+        answer = requests.post(f"{proxy.url}/start_kernel", timeout=60)
+        if answer.status_code == 200:
+            break
+        assert answer.json()["error"] == "upstream_unavailable", answer.text  # meanwhile
+        assert time.monotonic() < deadline, "the embedded server was not started again"
+        time.sleep(0.5)
+    assert embedded_server_pid(proxy) != server_pid
+    assert execute(proxy.url, answer.json()["id"], "6 * 7")["outputs"][0]["data"] \
+        ["text/plain"] == "42"
+    gone = requests.post(f"{proxy.url}/execute_code", json={"id": kernel_id, "code": "1"},
+                         timeout=60)
+    assert gone.status_code == 404  # its kernels went with it
+    assert "embedded jupyter server exited on its own; starting it again" in proxy.output()
+    assert proxy.stop(signal.SIGTERM) == 0
 
 
 def test_settings_come_from_a_dotenv_file(tmp_path, jupyter_server):

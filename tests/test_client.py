@@ -144,6 +144,14 @@ def test_unusable_kernel_spec_list_is_an_upstream_error(client, upstream):
     raised_by(client.kernelspecs, UpstreamError)
 
 
+@pytest.mark.parametrize("body", [[LEAKY_BODY], "", "[" * 100_000 + "]" * 100_000])
+def test_a_kernel_model_that_is_not_one_is_an_upstream_error(client, upstream, body):
+    """A list, nothing, or JSON nested too deeply to read."""
+    upstream.get(f"{BASE}/api/kernels/{KERNEL_ID}",
+                 **({"json": body} if isinstance(body, list) else {"body": body}))
+    raised_by(lambda: client.get_kernel(KERNEL_ID), UpstreamError)
+
+
 def test_shutdown_sends_delete_and_accepts_204(client, upstream):
     upstream.delete(f"{BASE}/api/kernels/{KERNEL_ID}", status=204)
     assert client.shutdown_kernel(KERNEL_ID) is None

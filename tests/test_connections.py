@@ -121,6 +121,15 @@ def test_sweep_closes_long_idle_and_dead_channels_and_keeps_the_rest():
     assert cache.take("fine") is fine
 
 
+def test_sweep_closes_a_channel_it_failed_to_read():
+    cache = ChannelCache(capacity=4)
+    broken = FakeChannel("broken", pending=[RuntimeError("something unforeseen")])
+    cache.give(broken)
+    with pytest.raises(RuntimeError):
+        cache.sweep()
+    assert broken.closed and cache.take("broken") is None
+
+
 def test_sweep_closes_an_idle_channel_whose_kernel_another_process_uses():
     """The server copies each iopub message to every connection of a kernel: a worker that
     no longer uses a kernel must not keep a second connection to it.

@@ -176,6 +176,27 @@ def test_jobs_past_the_running_limit_are_429(settings, kernel, tmp_path):
     assert post(http, "/execute_code", {"id": kernel, "code": "1", "mode": "async"})[0] == 202
 
 
+def test_jobs_queue_on_a_kernel_past_the_limit_of_waiting_executions(settings, kernel, tmp_path):
+    """JUPYTER_MAX_QUEUED_EXECUTIONS refuses waiting requests, not jobs: a job that got its 202
+    runs (jobs have their own limit)."""
+    http = create_app(settings.replace(job_store=str(tmp_path / "jobs.sqlite3"),
+                                       max_queued_executions=1)).test_client()
+    jobs = []
+    for index in range(4):
+        status, job = post(http, "/execute_code", {
+            "id": kernel, "code": f"import time; time.sleep(0.3); print({index})",
+            "mode": "async"})
+        assert status == 202, job
+        jobs.append(job)
+    deadline = time.monotonic() + 30
+    while any(http.get(job["url"]).get_json()["status"] == "running" for job in jobs):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    states = [http.get(job["url"]).get_json() for job in jobs]
+    assert [(s["status"], s["stdout"]) for s in states] == [
+        ("ok", f"{index}\n") for index in range(4)], states
+
+
 def test_the_job_store_file_is_private_and_made_only_when_needed(settings, kernel, tmp_path):
     path = tmp_path / "jobs.sqlite3"
     http = create_app(settings.replace(job_store=str(path))).test_client()
@@ -380,7 +401,7 @@ class _BreakingManager:
     def describe_kernel(self, kernel_id):
         return {"id": kernel_id}
 
-    def begin_execution(self, kernel_id, code, timeout, poll=None):
+    def begin_execution(self, kernel_id, code, timeout, poll=None, queue_limited=True):
         return _BreakingExecution()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import threading
 import time
 
@@ -63,7 +65,6 @@ def test_threads_of_one_process_take_turns():
     assert seen == [False, True]
 
 
-
 def test_a_cancelled_wait_gives_up_before_its_deadline(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     locks = KernelLocks("http://127.0.0.1:1")
@@ -75,3 +76,85 @@ def test_a_cancelled_wait_gives_up_before_its_deadline(tmp_path, monkeypatch):
                         cancelled=lambda: time.monotonic() > asked_at) as waited:
             assert waited is False
         assert time.monotonic() - started < 2, "gave up within a poll of being cancelled"
+
+
+def test_waiting_threads_get_the_kernel_in_the_order_they_asked():
+    locks = KernelLocks(SERVER)
+    order: list[int] = []
+
+    def wait_then_hold(index: int) -> None:
+        # `cancelled` makes the wait a series of short ones, as an execution's does
+        with locks.hold("k5", time.monotonic() + 10, cancelled=lambda: False) as acquired:
+            assert acquired
+            order.append(index)
+
+    threads = [threading.Thread(target=wait_then_hold, args=(i,)) for i in range(3)]
+    with locks.hold("k5", time.monotonic() + 10) as first:
+        assert first
+        asked = time.monotonic()
+        for thread in threads:  # asking 0.2 s apart, so that their short waits end at odd times
+            thread.start()
+            time.sleep(0.2)
+        time.sleep(max(0, asked + 0.65 - time.monotonic()))  # the first has waited twice
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2]
+    assert locks.waiting("k5") == 0
+
+
+def _lock_waiters() -> int:
+    return sum(t.name == "kernel-lock-waiter" for t in threading.enumerate())
+
+
+def test_callers_giving_up_on_a_kernel_another_process_holds_leave_one_waiting_thread():
+    ready = multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_for, args=("k6", 3.0, ready))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        locks = KernelLocks(SERVER)
+        before = _lock_waiters()
+        for _ in range(20):
+            with locks.hold("k6", time.monotonic() + 0.02) as acquired:
+                assert acquired is False
+        assert _lock_waiters() - before == 1, "one thread waits on, taken over by each caller"
+        with locks.hold("k6", time.monotonic() + 10) as acquired:
+            assert acquired is True  # the waiting thread got it once the other process let go
+    finally:
+        holder.join(10)
+    deadline = time.monotonic() + 5
+    while _lock_waiters() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _lock_waiters() == before
+
+
+def test_a_given_up_wait_lets_go_of_the_lock_once_it_gets_it():
+    ready = multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_for, args=("k7", 0.5, ready))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        locks = KernelLocks(SERVER)
+        with locks.hold("k7", time.monotonic() + 0.05) as acquired:
+            assert acquired is False
+    finally:
+        holder.join(10)
+    time.sleep(0.3)
+    other = multiprocessing.Event()
+    second = multiprocessing.Process(target=_hold_for, args=("k7", 0.1, other))
+    second.start()
+    try:
+        assert other.wait(5), "another process can take the kernel: the waiter let go of it"
+    finally:
+        second.join(10)
+
+
+def test_a_removed_lock_directory_is_made_again(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    locks = KernelLocks(SERVER)
+    with locks.hold("k8", time.monotonic() + 5) as acquired:
+        assert acquired
+    shutil.rmtree(tmp_path / f"jupyter-kernel-proxy-{os.getuid()}")  # a /tmp cleaner
+    with locks.hold("k8", time.monotonic() + 5) as acquired:
+        assert acquired
+    assert locks.last_user("k8") == os.getpid()

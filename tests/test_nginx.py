@@ -4,12 +4,15 @@ front of the gunicorn-served proxy, all on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,31 @@ def nginx_binary() -> str:
     return found
 
 
+@contextlib.contextmanager
+def nginx_in_front_of(upstream_port: int, tmp: Path) -> Iterator[str]:
+    """nginx with the deployed site, its upstream at `upstream_port`; yields nginx's URL."""
+    port = free_port()
+    site = SITE.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{upstream_port}") \
+        .replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp / "site.conf").write_text(site)
+    user = "user root root;" if os.geteuid() == 0 else ""
+    (tmp / "nginx.conf").write_text(MAIN_CONFIG.format(tmp=tmp, user=user))
+    nginx = subprocess.Popen([nginx_binary(), "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until nginx listens
+            assert nginx.poll() is None, (tmp / "error.log").read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert time.monotonic() < deadline, "nginx did not listen within 30 s"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(30)
+
+
 @pytest.fixture(scope="module")
 def proxy_behind_nginx(jupyter_server, tmp_path_factory):
     """The real proxy (gunicorn) and nginx in front of it; yields nginx's URL."""
@@ -68,23 +96,13 @@ def proxy_behind_nginx(jupyter_server, tmp_path_factory):
     env["JUPYTER_PROXY_API_KEY"] = KEY  # reached from the network: a key, as deployed
     proxy = ProxyProcess(["--server-url", jupyter_server.url, "--workers", "2",
                           "--env-file", "/dev/null"], env)
-    proxy.wait_until_serving()
-    tmp = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    site = SITE.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{proxy.port}") \
-        .replace("listen 80;", f"listen 127.0.0.1:{port};")
-    (tmp / "site.conf").write_text(site)
-    user = "user root root;" if os.geteuid() == 0 else ""
-    (tmp / "nginx.conf").write_text(MAIN_CONFIG.format(tmp=tmp, user=user))
-    nginx = subprocess.Popen([nginx_binary(), "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_health(url, 30, nginx, lambda: (tmp / "error.log").read_text())
-        yield url
+        proxy.wait_until_serving()
+        tmp = tmp_path_factory.mktemp("nginx")
+        with nginx_in_front_of(proxy.port, tmp) as url:
+            wait_for_health(url, 30)
+            yield url
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(30)
         proxy.stop()
 
 
@@ -169,3 +187,29 @@ def test_client_dropping_a_stream_through_nginx_gets_its_code_interrupted(proxy_
     finally:
         requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, headers=AUTH,
                       timeout=60)
+
+
+def test_a_body_over_nginx_limit_is_refused_in_json(proxy_behind_nginx):
+    host, port = proxy_behind_nginx.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        # only the headers: nginx refuses on the announced length, before any body
+        sock.sendall(b"POST /execute_code HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 11000000\r\n\r\n")
+        answer = b""
+        while b"}" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"] == "request_too_large"
+
+
+def test_nginx_answers_json_while_the_proxy_is_down(jupyter_server, tmp_path):  # (module mark)
+    with nginx_in_front_of(free_port(), tmp_path) as url:  # nothing listens upstream
+        answer = requests.get(f"{url}/health", timeout=30)
+    assert answer.status_code == 502
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.json()["error"] == "proxy_unavailable"
+    assert "not answering" in answer.json()["message"]

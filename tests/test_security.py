@@ -81,6 +81,20 @@ def test_network_address_without_a_key_is_refused(args, env):
     assert "JUPYTER_PROXY_API_KEY" in done.stderr and "--allow-unauthenticated" in done.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+@pytest.mark.parametrize("entry_point", ["gunicorn.conf.py", "wsgi.py"])
+def test_plain_entry_points_close_the_processes_environment_to_kernels(entry_point):
+    """Non-dumpable (as the `jupyter-kernel-proxy` command makes itself): code of the same
+    user (a kernel) cannot read /proc/<pid>/environ, where the API key and the token are."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env["JUPYTER_SERVER_URL"] = "http://127.0.0.1:1"
+    check = (f"import ctypes, runpy; runpy.run_path({entry_point!r}); "
+             "print('dumpable', ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")  # PR_GET_DUMPABLE
+    done = subprocess.run([sys.executable, "-c", check], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1:] == ["dumpable 0"], done.stdout + done.stderr
+
+
 def test_plain_gunicorn_refuses_a_network_address_without_a_key():
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
     env["JUPYTER_PROXY_BIND"] = "0.0.0.0:8000"

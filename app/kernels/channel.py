@@ -8,7 +8,6 @@ across a receive timeout, so a timed-out `recv` can simply be called again.
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import socket
 import ssl
@@ -155,7 +154,7 @@ class KernelChannel:
                     return protocol.decode(data.decode("utf-8")), len(data)
                 return (protocol.decode_v1(data) if self.v1 else protocol.decode(data)), \
                     len(data)
-            except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: absurd nesting
                 # One bad message must not end the execution (its code would run on unseen):
                 # it is skipped, and counted so that the answer says output may be missing.
                 self.dropped += 1

@@ -131,8 +131,12 @@ class JupyterClient:
 
     def get_kernel(self, kernel_id: str, timeout: float | None = None) -> dict[str, Any]:
         """`GET /api/kernels/{id}`: the kernel's model (`timeout`: `JUPYTER_TIMEOUT_TOTAL`)."""
-        return self._request("GET", f"/api/kernels/{kernel_id}", kernel_id=kernel_id,
-                             timeout=timeout)
+        model = self._request("GET", f"/api/kernels/{kernel_id}", kernel_id=kernel_id,
+                              timeout=timeout)
+        if not isinstance(model, dict):
+            raise UpstreamError("the Jupyter server sent an unusable kernel model",
+                                request="GET /api/kernels/{id}")
+        return model
 
     def list_kernels(self) -> list[dict[str, Any]]:
         """`GET /api/kernels`: every kernel the server runs.
@@ -219,7 +223,7 @@ class JupyterClient:
             return None
         try:
             return response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             raise UpstreamError(f"the Jupyter server answered {what} with something that is "
                                 "not JSON", request=what) from None
 

@@ -102,8 +102,13 @@ class ChannelCache:
             if entry is None:
                 continue  # taken meanwhile
             channel, since = entry
-            if now - since > IDLE_SECONDS or self._used_elsewhere(kernel_id, now - since) or \
-                    not drain(channel, time.monotonic() + DRAIN_SECONDS):
+            try:
+                usable = now - since <= IDLE_SECONDS and not self._used_elsewhere(
+                    kernel_id, now - since) and drain(channel, time.monotonic() + DRAIN_SECONDS)
+            except BaseException:
+                channel.close()  # taken out of the cache: never leave it open
+                raise
+            if not usable:
                 channel.close()
                 continue
             with self._lock:

@@ -4,14 +4,16 @@ A kernel runs one cell at a time, so requests for it queue anyway; queueing them
 than in the kernel means that a request whose deadline passes while it waits has not started,
 and interrupting the kernel at a deadline can only ever stop the caller's own code.
 
-Lock story: a `threading.Lock` per kernel id hands the kernel from thread to thread within a
-process; an `flock` on a file per kernel id (in a private directory) hands it between gunicorn
-workers. Both are taken with the caller's deadline (see `_flock_until`). Where no private
-directory can be had, the lock is process-wide only, and a warning says so.
+Lock story: a queue per kernel id hands the kernel from thread to thread within a process, in
+the order they asked; an `flock` on a file per kernel id (in a private directory) hands it
+between gunicorn workers (in no set order). Both are waited for with the caller's deadline (see
+`_FlockWaiter`). Where no private directory can be had, the lock is process-wide only, and a
+warning says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -19,6 +21,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,40 +40,47 @@ class KernelLocks:
         """`max_waiting` callers may wait for a kernel in this process (0: no limit)."""
         self.max_waiting = max_waiting
         self._guard = threading.Lock()
-        self._threads: dict[str, tuple[threading.Lock, int]] = {}
+        self._turns: dict[str, _Turns] = {}
+        self._parked: dict[str, _FlockWaiter] = {}  # flock waits given up, to be taken over
+        self._server_url = server_url
         self._directory = private_directory(server_url)
 
     @contextmanager
     def hold(self, kernel_id: str, deadline: float,
-             cancelled: Callable[[], bool] | None = None) -> Iterator[bool]:
+             cancelled: Callable[[], bool] | None = None, *,
+             limited: bool = True) -> Iterator[bool]:
         """Holds the kernel's lock (yields True), or yields False if `deadline` passes first
-        (or `cancelled`, asked every half second while waiting, says True).
+        (or `cancelled`, asked every half second while waiting, says True). The threads of a
+        process get the kernel in the order they asked for it.
 
-        Raises `KernelBusy` at once if `max_waiting` callers already wait for this kernel.
+        Raises `KernelBusy` at once if `max_waiting` callers already wait for this kernel;
+        callers that are not `limited` (jobs, bounded by their own limit) are not counted.
         """
         with self._guard:
-            lock, users = self._threads.get(kernel_id, (threading.Lock(), 0))
-            if self.max_waiting and users > self.max_waiting:  # one holds it, the rest wait
-                raise KernelBusy(f"{users - 1} executions already wait for this kernel "
+            turns = self._turns.setdefault(kernel_id, _Turns())
+            if not turns.held:
+                turns.held, my_turn = True, None
+            elif limited and self.max_waiting and turns.limited >= self.max_waiting:
+                raise KernelBusy(f"{turns.limited} executions already wait for this kernel "
                                  f"(JUPYTER_MAX_QUEUED_EXECUTIONS is {self.max_waiting}); "
                                  "try again when it is less busy", kernel_id=kernel_id)
-            self._threads[kernel_id] = (lock, users + 1)
+            else:
+                my_turn = _Turn(limited)
+                turns.wait(my_turn)
+        if my_turn is not None and not self._wait_turn(turns, my_turn, deadline, cancelled):
+            yield False
+            return
         try:
-            if not _acquire(lock, deadline, cancelled):
-                yield False
-                return
-            try:
-                with self._file_lock(kernel_id, deadline, cancelled) as acquired:
-                    yield acquired
-            finally:
-                lock.release()
+            with self._file_lock(kernel_id, deadline, cancelled) as acquired:
+                yield acquired
         finally:
-            with self._guard:
-                lock, users = self._threads[kernel_id]
-                if users > 1:
-                    self._threads[kernel_id] = (lock, users - 1)
-                else:
-                    del self._threads[kernel_id]
+            self._pass_turn(kernel_id, turns)
+
+    def waiting(self, kernel_id: str) -> int:
+        """How many callers of this process wait for the kernel (not counting its holder)."""
+        with self._guard:
+            turns = self._turns.get(kernel_id)
+            return len(turns.waiting) if turns else 0
 
     def last_user(self, kernel_id: str) -> int | None:
         """The pid of the process that last held the kernel's lock (None if unknown)."""
@@ -83,9 +93,27 @@ class KernelLocks:
         return int(text) if text.strip().isdigit() else None
 
     def forget(self, kernel_id: str) -> None:
-        """Removes a shut-down kernel's lock file."""
+        """Removes the lock file of a kernel that is gone (shut down, or unknown)."""
         if self._directory is not None:
             (self._directory / f"{kernel_id}.lock").unlink(missing_ok=True)
+
+    def _wait_turn(self, turns: _Turns, my_turn: _Turn, deadline: float,
+                   cancelled: Callable[[], bool] | None) -> bool:
+        if _wait(my_turn, deadline, cancelled):
+            return True
+        with self._guard:
+            if my_turn.is_set():
+                return True  # handed over just as the wait ended
+            turns.leave(my_turn)
+        return False
+
+    def _pass_turn(self, kernel_id: str, turns: _Turns) -> None:
+        with self._guard:
+            if turns.waiting:
+                turns.leave(turns.waiting[0]).set()  # the kernel stays held: by the next one
+            else:
+                turns.held = False
+                del self._turns[kernel_id]
 
     @contextmanager
     def _file_lock(self, kernel_id: str, deadline: float,
@@ -93,58 +121,113 @@ class KernelLocks:
         if self._directory is None:
             yield True
             return
-        fd = os.open(self._directory / f"{kernel_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        if not _flock_until(fd, deadline, cancelled):
-            yield False  # the waiter thread owns (and closes) the descriptor now
-            return
+        with self._guard:
+            waiter = self._parked.pop(kernel_id, None)
+        if waiter is None or not waiter.take_over():
+            waiter = None
+            fd = self._open(kernel_id)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiter = _FlockWaiter(fd, on_done=lambda w: self._unpark(kernel_id, w))
+            except OSError:
+                os.close(fd)
+                raise
+        if waiter is not None:
+            if not (_wait(waiter.taken, deadline, cancelled) or waiter.give_up()):
+                with self._guard:
+                    self._parked[kernel_id] = waiter  # the next caller waits on, with it
+                yield False
+                return
+            fd = waiter.fd
         try:
             os.pwrite(fd, f"{os.getpid():<15}\n".encode(), 0)  # see last_user()
             yield True
         finally:
             os.close(fd)  # closing the descriptor releases the flock
 
-
-def _flock_until(fd: int, deadline: float, cancelled: Callable[[], bool] | None = None) -> bool:
-    """Takes the flock on `fd` before `deadline`; True if taken.
-
-    flock has no timeout, so a blocking flock runs in a waiter thread while the caller waits
-    with its deadline: the lock passes from worker to worker the moment it is released, with
-    no polling. A caller that gives up leaves the descriptor to the waiter, which releases the
-    lock (by closing it) as soon as it gets it.
-    """
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        pass
-    taken = threading.Event()
-    state_lock = threading.Lock()
-    abandoned = [False]
-
-    def wait_for_lock() -> None:
+    def _open(self, kernel_id: str) -> int:
+        path = self._directory / f"{kernel_id}.lock"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        with state_lock:
-            taken.set()
-            if abandoned[0]:
-                os.close(fd)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # the directory was removed (a /tmp cleaner): make it again
+            self._directory = private_directory(self._server_url) or self._directory
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 
-    threading.Thread(target=wait_for_lock, daemon=True, name="kernel-lock-waiter").start()
-    if _wait(taken, deadline, cancelled):
-        return True
-    with state_lock:
-        if taken.is_set():
-            return True  # got it just as the deadline passed
-        abandoned[0] = True
-    return False
+    def _unpark(self, kernel_id: str, waiter: _FlockWaiter) -> None:
+        with self._guard:
+            if self._parked.get(kernel_id) is waiter:
+                del self._parked[kernel_id]
 
 
-def _acquire(lock: threading.Lock, deadline: float,
-             cancelled: Callable[[], bool] | None) -> bool:
-    """`lock.acquire` until `deadline`, giving up if `cancelled` says so."""
-    return _wait_until(lambda seconds: lock.acquire(timeout=seconds), deadline, cancelled)
+class _Turns:
+    """Who holds one kernel in this process, and who waits for it, first come first served."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.waiting: deque[_Turn] = deque()
+        self.limited = 0  # how many of those waiting count towards `max_waiting`
+
+    def wait(self, turn: _Turn) -> None:
+        self.waiting.append(turn)
+        self.limited += turn.limited
+
+    def leave(self, turn: _Turn) -> _Turn:
+        self.waiting.remove(turn)
+        self.limited -= turn.limited
+        return turn
+
+
+class _Turn(threading.Event):
+    """Set when the kernel is handed to its waiter."""
+
+    def __init__(self, limited: bool) -> None:
+        super().__init__()
+        self.limited = limited
+
+
+class _FlockWaiter:
+    """A thread blocked in `flock` on a kernel's lock file: flock has no timeout, so the
+    caller waits for it with its deadline, and the lock passes from worker to worker the moment
+    it is released, with no polling.
+
+    A caller whose deadline passes gives it up; the kernel's next caller in this process takes
+    it over rather than starting another, so a process never has more than one such thread
+    (and descriptor) per kernel. Given up and not taken over, it lets go of the lock (closes
+    the descriptor) as soon as it gets it.
+    """
+
+    def __init__(self, fd: int, on_done: Callable[[_FlockWaiter], None]) -> None:
+        self.fd = fd
+        self.taken = threading.Event()
+        self._on_done = on_done
+        self._state = threading.Lock()
+        self._wanted = True
+        self._closed = False
+        threading.Thread(target=self._wait, daemon=True, name="kernel-lock-waiter").start()
+
+    def _wait(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        with self._state:
+            self.taken.set()
+            if self._wanted:
+                return
+            os.close(self.fd)
+            self._closed = True
+        self._on_done(self)
+
+    def give_up(self) -> bool:
+        """Leaves the lock to whoever takes this waiter over; True if it was taken after all."""
+        with self._state:
+            self._wanted = self.taken.is_set()
+            return self._wanted
+
+    def take_over(self) -> bool:
+        """Wants the lock again; False if the waiter already let go of it."""
+        with self._state:
+            self._wanted = not self._closed
+            return self._wanted
 
 
 def _wait(event: threading.Event, deadline: float,

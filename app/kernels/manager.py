@@ -236,7 +236,8 @@ class KernelManager:
         return execution.answer
 
     def begin_execution(self, kernel_id: str, code: str, timeout: float | None = None, *,
-                        poll: Callable[[], bool] | None = None) -> Execution:
+                        poll: Callable[[], bool] | None = None,
+                        queue_limited: bool = True) -> Execution:
         """Starts running `code` and returns once the kernel has it (or the deadline passed
         while waiting for the kernel): errors of the request and of reaching the kernel are
         raised here. Read what follows from `Execution.updates()`; always close it.
@@ -244,6 +245,10 @@ class KernelManager:
         `poll` is called at least every half second while the execution waits for the kernel
         or the code runs, in the thread that reads the updates; once it returns True the code
         is stopped as at a deadline (or never sent), and the answer says `cancelled`.
+
+        Without `queue_limited` the execution may wait for the kernel behind any number of
+        others (`JUPYTER_MAX_QUEUED_EXECUTIONS` does not refuse it): for callers that bound
+        their executions themselves, such as jobs.
         """
         timeout = self.check_request(kernel_id, code, timeout)
         started = time.monotonic()
@@ -256,7 +261,8 @@ class KernelManager:
 
         try:
             events = None
-            if stack.enter_context(self._locks.hold(kernel_id, deadline, stopped)):
+            if stack.enter_context(self._locks.hold(kernel_id, deadline, stopped,
+                                                     limited=queue_limited)):
                 events = run_execution(
                     _Kernel(self.client, self._channels, kernel_id), code, deadline,
                     timeout=timeout, crash_wait=self.settings.crash_sleep_duration,
@@ -273,6 +279,10 @@ class KernelManager:
                 waited_out = End("timeout", not_sent_error(
                     f"the kernel stayed busy with earlier code for the whole {timeout:g} s "
                     "deadline"))
+        except KernelNotFound:
+            stack.close()
+            self._locks.forget(kernel_id)  # no file left behind for each unknown id asked for
+            raise
         except BaseException:
             stack.close()
             raise
