@@ -69,7 +69,8 @@ def execute_code() -> Any:
         except BaseException:
             execution.close()  # no response will close it
             raise
-    return kernels().execute_code(kernel_id, code, timeout)
+    # A client that hangs up before the answer gets its code stopped, as a stream's would.
+    return kernels().execute_code(kernel_id, code, timeout, poll=client_gone(request.environ))
 
 
 def _prefers_ndjson() -> bool:

@@ -37,6 +37,7 @@ from app.kernels.manager import Execution
 
 NDJSON = "application/x-ndjson"
 STALLED_WRITE_SECONDS = 10.0
+CLIENT_LOOK_SECONDS = 0.25  # how often a running execution looks whether its client is gone
 WRITE_BYTES = 64 * 1024
 
 
@@ -81,8 +82,15 @@ def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
     sock = environ.get("gunicorn.socket")
     if not isinstance(sock, socket.socket):
         return None
+    next_look = [time.monotonic() + CLIENT_LOOK_SECONDS]
 
     def gone() -> bool:
+        # Asked before each message too: look at most every CLIENT_LOOK_SECONDS, so that a
+        # short execution costs no system call.
+        now = time.monotonic()
+        if now < next_look[0]:
+            return False
+        next_look[0] = now + CLIENT_LOOK_SECONDS
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         try:

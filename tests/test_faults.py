@@ -371,6 +371,28 @@ def test_deadline_while_queued_neither_interrupts_nor_runs_later(service):
     requests.post(f"{service.url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
 
 
+def test_a_client_that_hangs_up_before_the_answer_gets_its_code_interrupted(service):
+    """An HTTP client's own timeout must not leave its code holding the kernel until the
+    proxy's deadline (300 s by default)."""
+    kernel_id = requests.post(f"{service.url}/start_kernel", timeout=60).json()["id"]
+    try:
+        remote(service.url, kernel_id, "x = 'before'")
+        with pytest.raises(requests.ReadTimeout):  # the client gives up after 2 s
+            requests.post(f"{service.url}/execute_code", timeout=2, json={
+                "id": kernel_id, "code": "import time\ntime.sleep(60)\nx = 'after'"})
+        started = time.monotonic()
+        answer = remote(service.url, kernel_id, "x")
+        assert time.monotonic() - started < 10, "the abandoned code did not hold the kernel"
+        assert value(answer) == "'before'"  # interrupted (state kept), never finished
+    finally:
+        requests.post(f"{service.url}/shutdown_kernel", json={"id": kernel_id}, timeout=30)
+    deadline = time.monotonic() + 10
+    while not any(line.get("message") == "code executed" and line.get("status") == "cancelled"
+                  and line.get("kernel_id") == kernel_id for line in service.log_lines()):
+        assert time.monotonic() < deadline, "the abandoned execution is logged as cancelled"
+        time.sleep(0.2)
+
+
 # -- stopping the proxy -------------------------------------------------------------------------
 
 def test_sigterm_lets_a_running_execution_finish(start_proxy, jupyter_server, encoding):

@@ -222,15 +222,15 @@ class KernelManager:
         self._channels.give(channel)
         return True
 
-    def execute_code(self, kernel_id: str, code: str,
-                     timeout: float | None = None) -> dict[str, Any]:
+    def execute_code(self, kernel_id: str, code: str, timeout: float | None = None, *,
+                     poll: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Runs `code` on the kernel and returns the contract's answer (see `ExecutionResult`).
 
         `timeout` (seconds, default `execution_timeout`, at most `max_execution_timeout`) covers
         the whole call, waiting for the kernel included. An error in the code is an answer
-        with `status: "error"`, not an exception.
+        with `status: "error"`, not an exception. `poll`: as in `begin_execution`.
         """
-        with self.begin_execution(kernel_id, code, timeout) as execution:
+        with self.begin_execution(kernel_id, code, timeout, poll=poll) as execution:
             for _ in execution.updates():
                 pass
         return execution.answer
