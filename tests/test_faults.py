@@ -393,6 +393,32 @@ def test_a_client_that_hangs_up_before_the_answer_gets_its_code_interrupted(serv
         time.sleep(0.2)
 
 
+def test_executions_queued_on_a_kernel_that_is_shut_down_answer_404_at_once(service):
+    kernel_id = requests.post(f"{service.url}/start_kernel", timeout=60).json()["id"]
+
+    def call(code: str) -> tuple[int, dict, float]:
+        response = requests.post(f"{service.url}/execute_code", timeout=60,
+                                 json={"id": kernel_id, "code": code},
+                                 headers={"Connection": "close"})  # either worker
+        return response.status_code, response.json(), time.monotonic()
+
+    with ThreadPoolExecutor(5) as pool:
+        running = pool.submit(call, "import time; time.sleep(5)")
+        time.sleep(1)
+        queued = [pool.submit(call, f"{n}") for n in range(4)]
+        time.sleep(1)
+        shutdown = requests.post(f"{service.url}/shutdown_kernel", json={"id": kernel_id},
+                                 timeout=60)
+        shut_down_at = time.monotonic()
+        assert shutdown.status_code == 200, shutdown.text
+        status, answer, _ = running.result()
+        assert status == 200 and answer["status"] == "crashed"
+        for future in queued:
+            status, answer, answered_at = future.result()
+            assert (status, answer["error"]) == (404, "kernel_not_found"), answer
+            assert answered_at - shut_down_at < 5, "told at once, not after the server's wait"
+
+
 # -- stopping the proxy -------------------------------------------------------------------------
 
 def test_sigterm_lets_a_running_execution_finish(start_proxy, jupyter_server, encoding):

@@ -8,6 +8,9 @@ import shutil
 import threading
 import time
 
+import pytest
+
+from app.kernels.errors import KernelNotFound
 from app.kernels.locks import KernelLocks
 
 SERVER = "http://127.0.0.1:1"
@@ -158,3 +161,27 @@ def test_a_removed_lock_directory_is_made_again(tmp_path, monkeypatch):
     with locks.hold("k8", time.monotonic() + 5) as acquired:
         assert acquired
     assert locks.last_user("k8") == os.getpid()
+
+
+def _hold_then_forget(kernel_id: str, ready) -> None:
+    locks = KernelLocks(SERVER)
+    with locks.hold(kernel_id, time.monotonic() + 5) as acquired:
+        assert acquired
+        ready.set()
+        time.sleep(0.5)
+        locks.forget(kernel_id)  # shut down: in the manager, before the lock is let go
+
+
+def test_callers_waiting_for_a_kernel_forgotten_in_another_process_are_told_it_is_gone():
+    ready = multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_then_forget, args=("k9", ready))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        locks = KernelLocks(SERVER)
+        with pytest.raises(KernelNotFound), locks.hold("k9", time.monotonic() + 10):
+            pass
+        with pytest.raises(KernelNotFound), locks.hold("k9", time.monotonic() + 10):
+            pass  # and remembered: a later caller is not sent to the server either
+    finally:
+        holder.join(10)

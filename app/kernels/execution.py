@@ -84,12 +84,14 @@ class Sent:
 @dataclass(frozen=True)
 class End:
     """The execution is over. `status` is None when the kernel's own reply says how it went;
-    `output_lost` says that messages may have been lost with a broken connection.
+    `output_lost` says that messages may have been lost with a broken connection;
+    `kernel_gone` that the kernel was shut down or is gone from the server.
     """
 
     status: str | None = None
     error: dict[str, Any] | None = None
     output_lost: bool = False
+    kernel_gone: bool = False
 
 
 Event = Sent | Message | End
@@ -194,7 +196,8 @@ class _Run:
             state = yield from self._await_restart(crash_until)
             if ran or state != "restarted" or not self.started:
                 yield End("crashed", _crash_error(state, crash_wait, ran, self.restart_asked),
-                          self.output_lost and ran)  # code that did not run lost nothing
+                          self.output_lost and ran,  # code that did not run lost nothing
+                          kernel_gone=state in ("shutdown", "gone"))
                 return
             # The kernel died before this code started, and the restarted kernel runs it.
             self.death = None
@@ -209,7 +212,7 @@ class _Run:
                 yield End("timeout", self._timeout_error(timeout, outcome, grace), lost)
                 return
             yield End("crashed", _crash_error(self.death, crash_wait, True, self.restart_asked),
-                      self.output_lost)
+                      self.output_lost, kernel_gone=self.death in ("shutdown", "gone"))
         elif self.stdin_refused:
             yield End("error", {"ename": "StdinNotImplementedError",
                                 "evalue": "the code asked for input, but this proxy offers no "

@@ -21,16 +21,17 @@ import os
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app.kernels.errors import KernelBusy
+from app.kernels.errors import KernelBusy, KernelNotFound
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often a cancellable wait asks whether it was cancelled
+FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers
 
 
 class KernelLocks:
@@ -42,6 +43,7 @@ class KernelLocks:
         self._guard = threading.Lock()
         self._turns: dict[str, _Turns] = {}
         self._parked: dict[str, _FlockWaiter] = {}  # flock waits given up, to be taken over
+        self._forgotten: OrderedDict[str, None] = OrderedDict()  # the last FORGOTTEN ids
         self._server_url = server_url
         self._directory = private_directory(server_url)
 
@@ -53,7 +55,8 @@ class KernelLocks:
         (or `cancelled`, asked every half second while waiting, says True). The threads of a
         process get the kernel in the order they asked for it.
 
-        Raises `KernelBusy` at once if `max_waiting` callers already wait for this kernel;
+        Raises `KernelNotFound` if the kernel was forgotten (`forget`) while this waited, and
+        `KernelBusy` at once if `max_waiting` callers already wait for this kernel;
         callers that are not `limited` (jobs, bounded by their own limit) are not counted.
         """
         with self._guard:
@@ -71,6 +74,8 @@ class KernelLocks:
             yield False
             return
         try:
+            if self._was_forgotten(kernel_id):
+                raise KernelNotFound(kernel_id)
             with self._file_lock(kernel_id, deadline, cancelled) as acquired:
                 yield acquired
         finally:
@@ -93,9 +98,23 @@ class KernelLocks:
         return int(text) if text.strip().isdigit() else None
 
     def forget(self, kernel_id: str) -> None:
-        """Removes the lock file of a kernel that is gone (shut down, or unknown)."""
+        """For a kernel that is gone (shut down, or unknown): callers waiting for it, in any
+        worker (its lock file is removed), and later ones in this process get
+        `KernelNotFound` when their turn comes."""
+        self._remember_forgotten(kernel_id)
         if self._directory is not None:
             (self._directory / f"{kernel_id}.lock").unlink(missing_ok=True)
+
+    def _remember_forgotten(self, kernel_id: str) -> None:
+        with self._guard:
+            self._forgotten[kernel_id] = None
+            self._forgotten.move_to_end(kernel_id)
+            if len(self._forgotten) > FORGOTTEN:
+                self._forgotten.popitem(last=False)
+
+    def _was_forgotten(self, kernel_id: str) -> bool:
+        with self._guard:
+            return kernel_id in self._forgotten
 
     def _wait_turn(self, turns: _Turns, my_turn: _Turn, deadline: float,
                    cancelled: Callable[[], bool] | None) -> bool:
@@ -141,6 +160,9 @@ class KernelLocks:
                 return
             fd = waiter.fd
         try:
+            if os.fstat(fd).st_nlink == 0:  # forget() ran, in another worker, while this waited
+                self._remember_forgotten(kernel_id)
+                raise KernelNotFound(kernel_id)
             os.pwrite(fd, f"{os.getpid():<15}\n".encode(), 0)  # see last_user()
             yield True
         finally:

@@ -281,7 +281,7 @@ class KernelManager:
                     "deadline"))
         except KernelNotFound:
             stack.close()
-            self._locks.forget(kernel_id)  # no file left behind for each unknown id asked for
+            self._gone_for_good(kernel_id)  # those waiting for it: 404 too; no file left
             raise
         except BaseException:
             stack.close()
@@ -345,12 +345,22 @@ class KernelManager:
     def shutdown_kernel(self, kernel_id: str) -> dict[str, str]:
         """Shuts the kernel down; raises `KernelNotFound` if the server has no such kernel."""
         check_kernel_id(kernel_id)
-        self.client.shutdown_kernel(kernel_id)
+        try:
+            self.client.shutdown_kernel(kernel_id)
+        except KernelNotFound:
+            self._gone_for_good(kernel_id)
+            raise
+        self._gone_for_good(kernel_id)
         self._channels.forget(kernel_id)
-        self._locks.forget(kernel_id)
         self.logger.info("kernel shut down", kernel_id=kernel_id)
         metrics().kernels_shut_down.inc()
         return {"message": f"Kernel {kernel_id} shutdown"}
+
+    def _gone_for_good(self, kernel_id: str) -> None:
+        """A kernel shut down or gone from the server: executions waiting for it, in any
+        worker, answer 404 at once when their turn comes (asking the server would wait for
+        it to finish removing the kernel)."""
+        self._locks.forget(kernel_id)
 
     def _wait_until_ready(self, kernel_id: str, deadline: float) -> None:
         """Returns once the kernel answers a `kernel_info_request`."""
@@ -449,6 +459,8 @@ class Execution:
                     yield from self._result.add(event.message, event.size)
                 elif isinstance(event, End):
                     end = event
+                    if end.kernel_gone:  # before the kernel is released to those waiting
+                        self._manager._gone_for_good(self.kernel_id)
             self._result.truncated |= end.output_lost
             answer = self._result.answer(end.status, end.error)
         finally:
