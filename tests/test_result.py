@@ -297,3 +297,12 @@ def test_add_returns_the_updates_a_stream_shows():
                                                    "metadata": {}}}
     [failure] = result.add(error(), 10)
     assert failure["type"] == "error" and failure["error"]["ename"] == "ZeroDivisionError"
+
+
+def test_code_that_never_replied_keeps_the_count_it_started_under():
+    """A kernel killed mid-cell (or code stopped by a restart) sends no reply: the answer
+    still says which cell it was, from `execute_input`."""
+    result = fold(status("busy"), msg("execute_input", {"code": "x", "execution_count": 7}),
+                  stream("partial\n"))
+    assert result.answer("crashed")["execution_count"] == 7
+    assert fold(status("busy")).answer("crashed")["execution_count"] is None

@@ -39,6 +39,7 @@ class ExecutionResult:
         self.outputs: list[dict[str, Any]] = []
         self.error: dict[str, Any] | None = None
         self.reply: dict[str, Any] | None = None
+        self.input_count: Any = None  # `execute_input`'s count: the code started under it
         self.idle = False
         self.truncated = False
         self._clear_pending = False  # clear_output(wait=True): clear when the next output comes
@@ -58,6 +59,8 @@ class ExecutionResult:
         content = message.get("content") or {}
         if msg_type == "execute_reply":
             self.reply = content
+        elif msg_type == "execute_input":
+            self.input_count = content.get("execution_count")
         elif msg_type == "status" and content.get("execution_state") == "idle":
             self.idle = True
         if msg_type not in _CONTROL_TYPES:
@@ -134,7 +137,7 @@ class ExecutionResult:
         kernel_status = reply.get("status")
         if kernel_status == "error" and self.error is None:
             self.error = _error_of(reply)
-        count = reply.get("execution_count")
+        count = reply.get("execution_count", self.input_count)  # no reply: killed, stopped
         return {
             "results": self.messages,
             "status": status or kernel_status or "error",
