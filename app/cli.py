@@ -18,6 +18,7 @@ from gunicorn.app.base import Application
 from app import __version__, create_app
 from app.embedded import EmbeddedJupyterServer, EmbeddedServerError, keep_environment_private
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
+from app.kernels.locks import lock_directory
 from app.logs import StructuredLogger, configure_logging, register_secrets
 from app.metrics import MULTIPROC_DIR, worker_exited
 from app.settings import Settings, SettingsError, environment_with_dotenv, is_loopback
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="gunicorn worker processes "
                         "(default: JUPYTER_PROXY_WORKERS or 2)")
     parser.add_argument("--threads", type=int, help="threads per worker "
-                        "(default: JUPYTER_PROXY_THREADS or 8)")
+                        "(default: JUPYTER_PROXY_THREADS or 16)")
     parser.add_argument("--pool-size", type=int, help="ready kernels each worker keeps "
                         f"(JUPYTER_POOL_SIZE; default 0, or {EMBEDDED_POOL_SIZE} with --embedded)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARN or ERROR (JUPYTER_LOG_LEVEL)")
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.getpid() == master_pid:
             if embedded is not None:
                 embedded.stop()
+                # Its URL is new every run: its kernels' lock files are of no further use.
+                shutil.rmtree(lock_directory(embedded.url), ignore_errors=True)
             for directory in (metrics_dir, jobs_dir):
                 if directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)

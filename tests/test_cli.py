@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from app.embedded import free_port
+from app.kernels.locks import lock_directory
 from tests.conftest import REPO, ProxyProcess, wait_for_health
 
 pytestmark = pytest.mark.integration
@@ -109,10 +110,14 @@ def test_embedded_server_serves_and_leaves_nothing_behind(start_proxy):
     assert str(REPO) not in cwd["outputs"][0]["data"]["text/plain"]
     server_pid = embedded_server_pid(proxy)
     assert process_alive(server_pid) and process_alive(kernel_pid)
+    server_url = next(line["url"] for line in proxy.log_lines()
+                      if line.get("message") == "embedded jupyter server ready")
+    assert lock_directory(server_url).is_dir()  # executions took their kernel's lock
 
     assert proxy.stop(signal.SIGTERM) == 0
     assert wait_gone([server_pid, kernel_pid]) == []
     assert "embedded jupyter server stopped" in proxy.output()
+    assert not lock_directory(server_url).exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])

@@ -37,9 +37,12 @@ FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers
 class KernelLocks:
     """The locks of the kernels of one Jupyter server (named by its URL)."""
 
-    def __init__(self, server_url: str, max_waiting: int = 0) -> None:
-        """`max_waiting` callers may wait for a kernel in this process (0: no limit)."""
+    def __init__(self, server_url: str, max_waiting: int = 0, max_waiting_total: int = 0) -> None:
+        """`max_waiting` callers may wait for a kernel in this process, and `max_waiting_total`
+        for all kernels together (0: no limit)."""
         self.max_waiting = max_waiting
+        self.max_waiting_total = max_waiting_total
+        self._limited_total = 0  # callers counted against the limits, waiting for any kernel
         self._guard = threading.Lock()
         self._turns: dict[str, _Turns] = {}
         self._parked: dict[str, _FlockWaiter] = {}  # flock waits given up, to be taken over
@@ -67,9 +70,16 @@ class KernelLocks:
                 raise KernelBusy(f"{turns.limited} executions already wait for this kernel "
                                  f"(JUPYTER_MAX_QUEUED_EXECUTIONS is {self.max_waiting}); "
                                  "try again when it is less busy", kernel_id=kernel_id)
+            elif limited and self.max_waiting_total \
+                    and self._limited_total >= self.max_waiting_total:
+                raise KernelBusy(f"{self._limited_total} executions already wait for busy "
+                                 "kernels in this worker (all of its JUPYTER_PROXY_THREADS "
+                                 "but two may); try again when this kernel is less busy",
+                                 kernel_id=kernel_id)
             else:
                 my_turn = _Turn(limited)
                 turns.wait(my_turn)
+                self._limited_total += limited
         if my_turn is not None and not self._wait_turn(turns, my_turn, deadline, cancelled):
             yield False
             return
@@ -118,18 +128,20 @@ class KernelLocks:
 
     def _wait_turn(self, turns: _Turns, my_turn: _Turn, deadline: float,
                    cancelled: Callable[[], bool] | None) -> bool:
-        if _wait(my_turn, deadline, cancelled):
-            return True
-        with self._guard:
-            if my_turn.is_set():
-                return True  # handed over just as the wait ended
-            turns.leave(my_turn)
-        return False
+        if not _wait(my_turn, deadline, cancelled):
+            with self._guard:
+                if not my_turn.is_set():  # (else handed over just as the wait ended)
+                    turns.leave(my_turn)
+                    self._limited_total -= my_turn.limited
+                    return False
+        return True
 
     def _pass_turn(self, kernel_id: str, turns: _Turns) -> None:
         with self._guard:
             if turns.waiting:
-                turns.leave(turns.waiting[0]).set()  # the kernel stays held: by the next one
+                next_turn = turns.leave(turns.waiting[0])
+                self._limited_total -= next_turn.limited
+                next_turn.set()  # the kernel stays held: by the next one
             else:
                 turns.held = False
                 del self._turns[kernel_id]
@@ -273,11 +285,16 @@ def _wait_until(attempt: Callable[[float], bool], deadline: float,
             return False
 
 
+def lock_directory(server_url: str) -> Path:
+    """Where the lock files of this server's kernels are (see `private_directory`)."""
+    digest = hashlib.sha256(server_url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"jupyter-kernel-proxy-{os.getuid()}" / digest
+
+
 def private_directory(server_url: str) -> Path | None:
     """A directory only this user can write, for this server's lock files."""
-    digest = hashlib.sha256(server_url.encode()).hexdigest()[:16]
-    top = Path(tempfile.gettempdir()) / f"jupyter-kernel-proxy-{os.getuid()}"
-    path = top / digest
+    path = lock_directory(server_url)
+    top = path.parent
     try:
         top.mkdir(mode=0o700, exist_ok=True)
         info = top.lstat()  # lstat: a symlink planted by another user is refused below
