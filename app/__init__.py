@@ -51,7 +51,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     logger = StructuredLogger("app")
     client = JupyterClient(settings, logger.child("upstream"))
-    manager = KernelManager(client, logger.child("kernels"))
+    # All but two of a worker's threads at most wait for busy kernels: however many calls
+    # pile up on one kernel, one runs and a thread stays free for /health and the rest.
+    manager = KernelManager(client, logger.child("kernels"),
+                            max_waiting_total=max(settings.proxy_threads - 2, 1))
     app.extensions["kernel_manager"] = manager
     app.extensions["jobs"] = _job_runner(settings, manager, logger.child("jobs"))
     if settings.pool_size:

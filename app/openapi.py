@@ -115,7 +115,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 413: "`code_too_large`: `code` is over JUPYTER_MAX_CODE_BYTES",
                 429: "`too_many_kernels`: the server runs JUPYTER_MAX_KERNELS kernels; "
                      "`kernel_busy`: JUPYTER_MAX_QUEUED_EXECUTIONS executions already wait for "
-                     "this kernel; `too_many_jobs`: JUPYTER_MAX_RUNNING_JOBS async executions "
+                     "this kernel, or all of the worker's threads but two wait for busy "
+                     "kernels; `too_many_jobs`: JUPYTER_MAX_RUNNING_JOBS async executions "
                      "run in this worker",
                 503: JOBS_UNAVAILABLE},
         links={202: {"get_execution": {

@@ -53,7 +53,7 @@ class Settings:
     allow_unauthenticated: bool = False
     proxy_bind: str = "127.0.0.1:8000"
     proxy_workers: int = 2
-    proxy_threads: int = 8
+    proxy_threads: int = 16
     list_kernels: bool = True
     job_store: str = ""
     job_retention: float = 3600.0

@@ -313,7 +313,7 @@ def test_connection_that_cannot_be_reopened_is_a_clear_error_and_kernel_stays_us
 
 @pytest.fixture(scope="module")
 def service(jupyter_server, encoding):
-    with proxy_for(jupyter_server, "--workers", "2", "--threads", "8",
+    with proxy_for(jupyter_server, "--workers", "2",
                    env={"JUPYTER_WEBSOCKET_PROTOCOL": encoding}) as proxy:
         yield proxy
 

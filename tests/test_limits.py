@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from app import JupyterClient, KernelManager, create_app
 from app.kernels import KernelBusy
+from tests.conftest import proxy_for
 
 
 def test_code_over_the_limit_is_413(settings, shared_kernel):
@@ -72,3 +75,61 @@ def test_kernel_busy_is_a_429_over_http(settings, kernel):
         blocker.join(30)
     assert response.status_code == 429
     assert response.get_json()["error"] == "kernel_busy"
+
+
+def test_a_flood_on_one_kernel_leaves_the_worker_free_for_everything_else(jupyter_server):
+    """However many calls pile up on one kernel, all of a worker's threads but two at most
+    wait: the rest answer 429 `kernel_busy` at once, and /health and the rest are served."""
+    with proxy_for(jupyter_server, "--workers", "1", "--threads", "5") as proxy:
+        busy, other = (requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+                       for _ in range(2))
+
+        def call(kernel_id: str, code: str) -> requests.Response:
+            return requests.post(f"{proxy.url}/execute_code", timeout=60,
+                                 json={"id": kernel_id, "code": code})
+
+        with ThreadPoolExecutor(12) as pool:
+            flood = [pool.submit(call, busy, "import time; time.sleep(1)") for _ in range(10)]
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert requests.get(f"{proxy.url}/health", timeout=30).status_code == 200
+            answer = call(other, "'other kernel'")
+            assert time.monotonic() - started < 3, "served while the flood waits"
+            assert answer.json()["outputs"][0]["data"]["text/plain"] == "'other kernel'"
+            answers = [future.result() for future in flood]
+        refused = [a for a in answers if a.status_code == 429]
+        assert refused and all(a.json()["error"] == "kernel_busy" for a in refused)
+        assert "JUPYTER_PROXY_THREADS" in refused[0].json()["message"]
+        assert all(a.json()["status"] == "ok" for a in answers if a.status_code == 200)
+        assert len(answers) - len(refused) >= 4  # one ran and three (5 threads - 2) waited
+
+
+def test_waiting_callers_of_a_process_are_bounded_in_all(tmp_path, monkeypatch):
+    from app.kernels.locks import KernelLocks
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    locks = KernelLocks("http://127.0.0.1:1", max_waiting=0, max_waiting_total=2)
+    deadline = time.monotonic() + 10
+    release = threading.Event()
+
+    def wait_for(kernel_id: str, limited: bool = True) -> None:
+        with locks.hold(kernel_id, deadline, limited=limited):
+            release.wait(10)
+
+    with locks.hold("a", deadline), locks.hold("b", deadline):
+        waiters = [threading.Thread(target=wait_for, args=args)
+                   for args in (("a",), ("b",), ("a", False))]
+        for waiter in waiters:
+            waiter.start()
+        while locks.waiting("a") + locks.waiting("b") < 3:
+            time.sleep(0.01)
+        with pytest.raises(KernelBusy, match="JUPYTER_PROXY_THREADS"):
+            with locks.hold("b", deadline):
+                pass
+        with locks.hold("c", deadline) as free:  # a free kernel is no wait
+            assert free
+    release.set()
+    for waiter in waiters:
+        waiter.join(10)
+    with locks.hold("a", deadline) as held:
+        assert held  # the count went back down

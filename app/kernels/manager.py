@@ -91,9 +91,12 @@ class KernelManager:
     """Starts kernels, executes code on them and shuts them down, blocking, with deadlines."""
 
     def __init__(self, client: JupyterClient, logger: StructuredLogger | None = None,
-                 pool_size: int | None = None) -> None:
-        """`pool_size` ready kernels are kept (default: the `pool_size` setting)."""
+                 pool_size: int | None = None, max_waiting_total: int = 0) -> None:
+        """`pool_size` ready kernels are kept (default: the `pool_size` setting); at most
+        `max_waiting_total` executions of this process wait for busy kernels at once, more
+        raise `KernelBusy` (0: no limit but the per-kernel `max_queued_executions`)."""
         self.client = client
+        self._max_waiting_total = max_waiting_total
         self.settings = client.settings
         self.logger = logger or StructuredLogger(__name__)
         self._pool_size = self.settings.pool_size if pool_size is None else pool_size
@@ -103,7 +106,8 @@ class KernelManager:
 
     def _set_up_process_state(self) -> None:
         """What belongs to one process: warm websockets, ready kernels, thread locks."""
-        self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions)
+        self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions,
+                                  self._max_waiting_total)
         self._orphans = OrphanReaper(self.client.shutdown_kernel, self.logger)
         self._ids_taken: bool | None = None  # whether the server starts kernels under our ids
         self._channels = ChannelCache(self.settings.max_idle_connections,
