@@ -97,7 +97,10 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(kernel_errors.KernelError)
     def _kernel_error(err: kernel_errors.KernelError) -> tuple[Response, int]:
         status, code = status_of(err)
-        return error_response(status, code, err.message, err.details)
+        details = err.details
+        if isinstance(err, kernel_errors.InvalidRequest) and "field" in details:
+            details = {"fields": {details["field"]: [err.message]}}  # as the schemas say it
+        return error_response(status, code, err.message, details)
 
     @app.errorhandler(JobStoreError)
     def _job_store_error(err: JobStoreError) -> tuple[Response, int]:

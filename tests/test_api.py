@@ -194,6 +194,7 @@ def test_timeout_above_the_maximum_is_400(settings):
     body = assert_error(http.post("/execute_code", json={
         "id": UNKNOWN_KERNEL, "code": "1", "timeout": 101}), 400, "invalid_request")
     assert "100" in body["message"]
+    assert body["details"] == {"fields": {"timeout": [body["message"]]}}  # as other fields
 
 
 @pytest.mark.parametrize("path", ["/execute_code", "/shutdown_kernel", "/start_kernel"])
