@@ -29,6 +29,8 @@ from app.logs import StructuredLogger, redact
 
 _Server = TypeVar("_Server", bound="ServerProcess")
 
+STABLE_SECONDS = 30.0  # a server that ran this long before it died is started again at once
+MAX_RESTART_PAUSE = 30.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PR_SET_DUMPABLE = 4
 
@@ -174,27 +176,34 @@ class ServerProcess:
         self._watcher.start()
 
     def _watch(self, interval: float) -> None:
-        backoff = interval
-        while not self._stopping.wait(backoff):
+        pause = interval
+        started = time.monotonic()
+        while not self._stopping.wait(pause):
             with self._lifecycle:
-                if self._stopping.is_set() or self.process is None \
-                        or self.process.poll() is None:
-                    backoff = interval
+                if self._stopping.is_set():
+                    return
+                process = self.process  # None: the last start failed
+                if process is not None and process.poll() is None:
                     continue
-                self.logger.error(f"{self.name} exited on its own; starting it again",
-                                  server_pid=self.process.pid, log_tail=self._log_tail(5))
+                if process is not None:
+                    self.logger.error(f"{self.name} exited on its own; starting it again",
+                                      server_pid=process.pid, log_tail=self._log_tail(5))
+                    # One that dies soon after it started waits longer each time.
+                    pause = interval if time.monotonic() - started > STABLE_SECONDS \
+                        else min(pause * 2, MAX_RESTART_PAUSE)
                 try:
                     self._start_again()
-                    backoff = interval
-                except self.error as err:
-                    backoff = min(backoff * 2, 30.0)
+                    started = time.monotonic()
+                except Exception as err:  # noqa: BLE001 - the watcher must outlive a failed start
+                    pause = min(pause * 2, MAX_RESTART_PAUSE)
                     self.logger.error(f"{self.name} could not be started again; trying again "
-                                      f"in {backoff:g} s", reason=str(err))
+                                      f"in {pause:g} s", reason=str(err))
 
     def _start_again(self) -> None:
         self.process = None
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
         self.requested_port = self.port  # the proxy's workers know this URL
         self.start()
 

@@ -92,8 +92,8 @@ def client_gone(environ: dict[str, Any]) -> Callable[[], bool] | None:
             return False
         next_look[0] = now + CLIENT_LOOK_SECONDS
         poller = select.poll()
-        poller.register(sock, select.POLLIN)
         try:
+            poller.register(sock, select.POLLIN)
             if not poller.poll(0):
                 return False  # open, nothing sent: the usual case
             return sock.recv(1, socket.MSG_PEEK) == b""  # readable, so this does not wait

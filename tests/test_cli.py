@@ -277,3 +277,44 @@ def test_flask_run_serves_the_app_for_development(jupyter_server):
         flask.terminate()
         output = flask.communicate(timeout=30)[1].decode()
     assert jupyter_server.token not in output
+
+
+def test_the_embedded_server_watcher_keeps_trying_until_a_start_works():
+    from app.embedded import ServerProcess
+
+    class Process:
+        pid = 4242
+
+        def __init__(self, alive: bool) -> None:
+            self.alive = alive
+
+        def poll(self):
+            return None if self.alive else 1
+
+        def send_signal(self, sig) -> None:
+            self.alive = False
+
+        def wait(self, timeout=None) -> int:
+            return 1
+
+    class Flaky(ServerProcess):
+        starts = 0
+
+        def start(self):
+            self.starts += 1
+            if self.starts < 4:  # the first start of the watcher, and two more, fail
+                raise OSError("cannot start now")
+            self.process = Process(alive=True)
+            return self
+
+    server = Flaky()
+    server.process = Process(alive=False)  # it died
+    server.supervise(interval=0.01)
+    deadline = time.monotonic() + 10
+    while server.starts < 4:
+        assert time.monotonic() < deadline, f"gave up after {server.starts} starts"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert server.starts == 4 and server.process.alive  # and left alone once it runs
+    server.stop()
+    assert server.process is None

@@ -95,9 +95,11 @@ def test_waiting_threads_get_the_kernel_in_the_order_they_asked():
     with locks.hold("k5", time.monotonic() + 10) as first:
         assert first
         asked = time.monotonic()
-        for thread in threads:  # asking 0.2 s apart, so that their short waits end at odd times
+        for index, thread in enumerate(threads):
             thread.start()
-            time.sleep(0.2)
+            while locks.waiting("k5") < index + 1:  # it asked
+                time.sleep(0.005)
+            time.sleep(0.2)  # asking 0.2 s apart, so that their short waits end at odd times
         time.sleep(max(0, asked + 0.65 - time.monotonic()))  # the first has waited twice
     for thread in threads:
         thread.join(10)
@@ -163,25 +165,59 @@ def test_a_removed_lock_directory_is_made_again(tmp_path, monkeypatch):
     assert locks.last_user("k8") == os.getpid()
 
 
-def _hold_then_forget(kernel_id: str, ready) -> None:
+def _hold_then_forget(kernel_id: str, ready, go) -> None:
     locks = KernelLocks(SERVER)
     with locks.hold(kernel_id, time.monotonic() + 5) as acquired:
         assert acquired
         ready.set()
-        time.sleep(0.5)
+        go.wait(10)
         locks.forget(kernel_id)  # shut down: in the manager, before the lock is let go
 
 
-def test_callers_waiting_for_a_kernel_forgotten_in_another_process_are_told_it_is_gone():
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_then_forget, args=("k9", ready))
+def test_callers_waiting_for_a_kernel_forgotten_in_another_process_are_told_it_is_gone(
+        monkeypatch):
+    ready, go = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_then_forget, args=("k9", ready, go))
     holder.start()
     try:
         assert ready.wait(10)
         locks = KernelLocks(SERVER)
-        with pytest.raises(KernelNotFound), locks.hold("k9", time.monotonic() + 10):
-            pass
+        outcome: list[BaseException] = []
+
+        def wait_for_it() -> None:
+            try:
+                with locks.hold("k9", time.monotonic() + 10):
+                    pass
+            except KernelNotFound as err:
+                outcome.append(err)
+
+        before = _lock_waiters()
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        while _lock_waiters() == before:  # it waits on the lock file
+            time.sleep(0.01)
+        go.set()
+        waiter.join(10)
+        assert len(outcome) == 1
         with pytest.raises(KernelNotFound), locks.hold("k9", time.monotonic() + 10):
             pass  # and remembered: a later caller is not sent to the server either
+        monkeypatch.setattr("app.kernels.locks.FORGOTTEN_SECONDS", 0.0)
+        locks.forget("k9")
+        with locks.hold("k9", time.monotonic() + 10) as acquired:
+            assert acquired  # for a while only: by then the server knows better
     finally:
         holder.join(10)
+
+
+def test_a_failing_cancel_check_leaves_the_kernel_to_the_others():
+    locks = KernelLocks(SERVER)
+
+    def broken() -> bool:
+        raise RuntimeError("the check failed")
+
+    with locks.hold("k10", time.monotonic() + 10):
+        with pytest.raises(RuntimeError), locks.hold("k10", time.monotonic() + 10, broken):
+            pass
+        assert locks.waiting("k10") == 0
+    with locks.hold("k10", time.monotonic() + 1) as acquired:
+        assert acquired

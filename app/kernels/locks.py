@@ -31,7 +31,8 @@ from app.kernels.errors import KernelBusy, KernelNotFound
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often a cancellable wait asks whether it was cancelled
-FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers
+FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers at most
+FORGOTTEN_SECONDS = 60.0  # and for how long
 
 
 class KernelLocks:
@@ -46,7 +47,7 @@ class KernelLocks:
         self._guard = threading.Lock()
         self._turns: dict[str, _Turns] = {}
         self._parked: dict[str, _FlockWaiter] = {}  # flock waits given up, to be taken over
-        self._forgotten: OrderedDict[str, None] = OrderedDict()  # the last FORGOTTEN ids
+        self._forgotten: OrderedDict[str, float] = OrderedDict()  # id: until when
         self._server_url = server_url
         self._directory = private_directory(server_url)
 
@@ -80,7 +81,8 @@ class KernelLocks:
                 my_turn = _Turn(limited)
                 turns.wait(my_turn)
                 self._limited_total += limited
-        if my_turn is not None and not self._wait_turn(turns, my_turn, deadline, cancelled):
+        if my_turn is not None and not self._wait_turn(kernel_id, turns, my_turn, deadline,
+                                                       cancelled):
             yield False
             return
         try:
@@ -117,24 +119,36 @@ class KernelLocks:
 
     def _remember_forgotten(self, kernel_id: str) -> None:
         with self._guard:
-            self._forgotten[kernel_id] = None
+            self._forgotten[kernel_id] = time.monotonic() + FORGOTTEN_SECONDS
             self._forgotten.move_to_end(kernel_id)
             if len(self._forgotten) > FORGOTTEN:
                 self._forgotten.popitem(last=False)
 
     def _was_forgotten(self, kernel_id: str) -> bool:
+        """For FORGOTTEN_SECONDS: long enough for those that waited for the kernel; later
+        callers ask the server (which by then has removed the kernel, and says so at once)."""
         with self._guard:
-            return kernel_id in self._forgotten
+            return self._forgotten.get(kernel_id, 0.0) > time.monotonic()
 
-    def _wait_turn(self, turns: _Turns, my_turn: _Turn, deadline: float,
+    def _wait_turn(self, kernel_id: str, turns: _Turns, my_turn: _Turn, deadline: float,
                    cancelled: Callable[[], bool] | None) -> bool:
-        if not _wait(my_turn, deadline, cancelled):
-            with self._guard:
-                if not my_turn.is_set():  # (else handed over just as the wait ended)
-                    turns.leave(my_turn)
-                    self._limited_total -= my_turn.limited
-                    return False
-        return True
+        try:
+            if _wait(my_turn, deadline, cancelled):
+                return True
+        except BaseException:  # `cancelled` failed: leave the line, or pass the kernel on
+            if not self._leave_line(turns, my_turn):
+                self._pass_turn(kernel_id, turns)
+            raise
+        return not self._leave_line(turns, my_turn)
+
+    def _leave_line(self, turns: _Turns, my_turn: _Turn) -> bool:
+        """Gives up waiting; False if the kernel was handed over meanwhile (it is held)."""
+        with self._guard:
+            if my_turn.is_set():
+                return False
+            turns.leave(my_turn)
+            self._limited_total -= my_turn.limited
+            return True
 
     def _pass_turn(self, kernel_id: str, turns: _Turns) -> None:
         with self._guard:
@@ -165,14 +179,22 @@ class KernelLocks:
                 os.close(fd)
                 raise
         if waiter is not None:
-            if not (_wait(waiter.taken, deadline, cancelled) or waiter.give_up()):
-                with self._guard:
-                    self._parked[kernel_id] = waiter  # the next caller waits on, with it
+            try:
+                taken = _wait(waiter.taken, deadline, cancelled)
+            except BaseException:  # `cancelled` failed
+                if waiter.give_up():
+                    os.close(waiter.fd)  # it got the lock after all: let go of it
+                else:
+                    self._park(kernel_id, waiter)
+                raise
+            if not taken and not waiter.give_up():  # (True: got it as the wait ended)
+                self._park(kernel_id, waiter)
                 yield False
                 return
             fd = waiter.fd
         try:
-            if os.fstat(fd).st_nlink == 0:  # forget() ran, in another worker, while this waited
+            if os.fstat(fd).st_nlink == 0 and self._directory.is_dir():
+                # forget() ran, in another worker, while this waited (and not a /tmp cleaner)
                 self._remember_forgotten(kernel_id)
                 raise KernelNotFound(kernel_id)
             os.pwrite(fd, f"{os.getpid():<15}\n".encode(), 0)  # see last_user()
@@ -187,6 +209,11 @@ class KernelLocks:
         except FileNotFoundError:  # the directory was removed (a /tmp cleaner): make it again
             self._directory = private_directory(self._server_url) or self._directory
             return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _park(self, kernel_id: str, waiter: _FlockWaiter) -> None:
+        """Leaves a given-up flock wait for the kernel's next caller to take over."""
+        with self._guard:
+            self._parked[kernel_id] = waiter
 
     def _unpark(self, kernel_id: str, waiter: _FlockWaiter) -> None:
         with self._guard:

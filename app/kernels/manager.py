@@ -272,7 +272,11 @@ class KernelManager:
                     timeout=timeout, crash_wait=self.settings.crash_sleep_duration,
                     connect_timeout=self.settings.timeout_connect, cancelled=stopped)
                 stack.callback(events.close)
-                next(events)  # `Sent`: connected, and the request is on its way
+                try:
+                    next(events)  # `Sent`: connected, and the request is on its way
+                except KernelNotFound:  # the server says so (not the lock's memory of it)
+                    self._gone_for_good(kernel_id)  # before the lock is let go: those
+                    raise  # waiting for it learn it too; and no lock file is left
                 waited_out = None
             elif time.monotonic() < deadline:
                 waited_out = End("cancelled", {
@@ -283,10 +287,6 @@ class KernelManager:
                 waited_out = End("timeout", not_sent_error(
                     f"the kernel stayed busy with earlier code for the whole {timeout:g} s "
                     "deadline"))
-        except KernelNotFound:
-            stack.close()
-            self._gone_for_good(kernel_id)  # those waiting for it: 404 too; no file left
-            raise
         except BaseException:
             stack.close()
             raise
