@@ -21,7 +21,7 @@ from app.kernels import JupyterClient, KernelManager
 from app import logs
 from app.logs import StructuredLogger
 from app.metrics import metrics
-from app.settings import Settings
+from app.settings import Settings, waiting_limit
 
 __all__ = ["JupyterClient", "KernelManager", "Settings", "StructuredLogger", "create_app"]
 
@@ -51,10 +51,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     logger = StructuredLogger("app")
     client = JupyterClient(settings, logger.child("upstream"))
-    # All but two of a worker's threads at most wait for busy kernels: however many calls
-    # pile up on one kernel, one runs and a thread stays free for /health and the rest.
     manager = KernelManager(client, logger.child("kernels"),
-                            max_waiting_total=max(settings.proxy_threads - 2, 1))
+                            max_waiting_total=waiting_limit(settings.proxy_threads))
     app.extensions["kernel_manager"] = manager
     app.extensions["jobs"] = _job_runner(settings, manager, logger.child("jobs"))
     if settings.pool_size:

@@ -240,3 +240,8 @@ def _require(settings: Settings, name: str, check: Any, what: str) -> None:
     object.__setattr__(settings, name, int(value) if whole else float(value))
 
 
+def waiting_limit(threads: int) -> int:
+    """How many executions of a worker with `threads` threads may wait for busy kernels: all
+    its threads but two, so that however many calls pile up on one kernel, one runs and a
+    thread stays free for /health and the rest."""
+    return max(threads - 2, 1)

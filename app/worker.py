@@ -33,6 +33,7 @@ from gunicorn.workers.gthread import PollableMethodQueue, ThreadWorker
 from app.errors import HTTP_ERROR_CODES
 from app.jobs import jobs_running, stop_taking_jobs
 from app.kernels.execution import INTERRUPT_GRACE_SECONDS
+from app.settings import waiting_limit
 
 WORKER_CLASS = "app.worker.JobFinishingThreadWorker"
 
@@ -85,6 +86,14 @@ class JobFinishingThreadWorker(ThreadWorker):
         # In this worker process only: gunicorn's handle_error() calls util.write_error().
         util.write_error = write_json_error
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        # The app sized its limit of waiting executions by JUPYTER_PROXY_THREADS; the threads
+        # this worker really has may differ (gunicorn's --threads, GUNICORN_CMD_ARGS).
+        manager = getattr(self.wsgi, "extensions", {}).get("kernel_manager")
+        if manager is not None:
+            manager.limit_waiting(waiting_limit(self.cfg.threads))
 
     def enqueue_req(self, conn: Any) -> None:
         # Counted from here (the main loop, which also decides to recycle), not from when a

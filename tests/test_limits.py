@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +14,8 @@ import requests
 
 from app import JupyterClient, KernelManager, create_app
 from app.kernels import KernelBusy
-from tests.conftest import proxy_for
+from app.embedded import free_port
+from tests.conftest import REPO, wait_for_health
 
 
 def test_code_over_the_limit_is_413(settings, shared_kernel):
@@ -79,29 +83,47 @@ def test_kernel_busy_is_a_429_over_http(settings, kernel):
 
 def test_a_flood_on_one_kernel_leaves_the_worker_free_for_everything_else(jupyter_server):
     """However many calls pile up on one kernel, all of a worker's threads but two at most
-    wait: the rest answer 429 `kernel_busy` at once, and /health and the rest are served."""
-    with proxy_for(jupyter_server, "--workers", "1", "--threads", "5") as proxy:
-        busy, other = (requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    wait: the rest answer 429 `kernel_busy` at once, and /health and the rest are served.
+
+    Served by plain gunicorn with threads of its own (GUNICORN_CMD_ARGS), not the setting's
+    (16 by default): the limit follows the threads the worker really has."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+    env.update(JUPYTER_SERVER_URL=jupyter_server.url, JUPYTER_TOKEN=jupyter_server.token,
+               JUPYTER_PROXY_BIND=f"127.0.0.1:{port}", JUPYTER_PROXY_WORKERS="1",
+               GUNICORN_CMD_ARGS="--threads 5")
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+                                env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for_health(url, 60, gunicorn)
+        busy, other = (requests.post(f"{url}/start_kernel", timeout=60).json()["id"]
                        for _ in range(2))
 
         def call(kernel_id: str, code: str) -> requests.Response:
-            return requests.post(f"{proxy.url}/execute_code", timeout=60,
+            return requests.post(f"{url}/execute_code", timeout=60,
                                  json={"id": kernel_id, "code": code})
 
         with ThreadPoolExecutor(12) as pool:
             flood = [pool.submit(call, busy, "import time; time.sleep(1)") for _ in range(10)]
             time.sleep(0.5)
             started = time.monotonic()
-            assert requests.get(f"{proxy.url}/health", timeout=30).status_code == 200
+            assert requests.get(f"{url}/health", timeout=30).status_code == 200
             answer = call(other, "'other kernel'")
             assert time.monotonic() - started < 3, "served while the flood waits"
             assert answer.json()["outputs"][0]["data"]["text/plain"] == "'other kernel'"
             answers = [future.result() for future in flood]
-        refused = [a for a in answers if a.status_code == 429]
-        assert refused and all(a.json()["error"] == "kernel_busy" for a in refused)
-        assert "JUPYTER_PROXY_THREADS" in refused[0].json()["message"]
-        assert all(a.json()["status"] == "ok" for a in answers if a.status_code == 200)
-        assert len(answers) - len(refused) >= 4  # one ran and three (5 threads - 2) waited
+        for kernel_id in (busy, other):
+            requests.post(f"{url}/shutdown_kernel", json={"id": kernel_id}, timeout=60)
+    finally:
+        gunicorn.terminate()
+        gunicorn.wait(60)
+    refused = [a for a in answers if a.status_code == 429]
+    assert refused and all(a.json()["error"] == "kernel_busy" for a in refused)
+    assert "JUPYTER_PROXY_THREADS" in refused[0].json()["message"]
+    assert all(a.json()["status"] == "ok" for a in answers if a.status_code == 200)
+    assert len(answers) - len(refused) >= 4  # one ran and three (5 threads - 2) waited
 
 
 def test_waiting_callers_of_a_process_are_bounded_in_all(tmp_path, monkeypatch):

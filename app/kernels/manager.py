@@ -104,6 +104,11 @@ class KernelManager:
         # A forked child (gunicorn's preload_app) must not share our websockets, pool or locks.
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
 
+    def limit_waiting(self, total: int) -> None:
+        """At most `total` executions of this process wait for busy kernels (0: no limit)."""
+        self._max_waiting_total = total
+        self._locks.max_waiting_total = total
+
     def _set_up_process_state(self) -> None:
         """What belongs to one process: warm websockets, ready kernels, thread locks."""
         self._locks = KernelLocks(self.client.base_url, self.settings.max_queued_executions,
