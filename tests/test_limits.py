@@ -155,3 +155,15 @@ def test_waiting_callers_of_a_process_are_bounded_in_all(tmp_path, monkeypatch):
         waiter.join(10)
     with locks.hold("a", deadline) as held:
         assert held  # the count went back down
+
+
+def test_counted_kernel_starts_queue_and_are_never_refused_as_busy(settings):
+    """With JUPYTER_MAX_KERNELS, starts take turns; they are not executions waiting for a
+    kernel, so the limit of those does not refuse them."""
+    with JupyterClient(settings.replace(max_kernels=1000)) as client, \
+            KernelManager(client, max_waiting_total=1) as manager:
+        with ThreadPoolExecutor(3) as pool:
+            started = list(pool.map(lambda _: manager.start_kernel(), range(3)))
+        for kernel in started:
+            manager.shutdown_kernel(kernel["id"])
+    assert len({kernel["id"] for kernel in started}) == 3

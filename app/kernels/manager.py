@@ -189,7 +189,8 @@ class KernelManager:
         limit = self.settings.max_kernels
         if not limit:
             return self._post_start(name)
-        with self._locks.hold(START_LOCK, deadline) as acquired:
+        # Not limited as executions are: starts wait their turn, bounded by their deadline.
+        with self._locks.hold(START_LOCK, deadline, limited=False) as acquired:
             if not acquired:
                 raise UpstreamTimeout("other kernel starts kept this one waiting too long")
             if len(self.client.list_kernels()) >= limit:
