@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import websocket
 
 from app import JupyterClient, KernelManager, Settings
 from app.embedded import EmbeddedJupyterServer
@@ -184,44 +185,34 @@ def test_json_can_be_chosen_even_with_a_server_that_speaks_v1(settings, shared_k
         assert reply["content"]["status"] == "ok"
 
 
-def test_a_frame_that_is_no_jupyter_message_is_skipped_and_counted():
-    import websocket
-
-    good = protocol.encode_v1({**protocol.kernel_info_request("s"), "channel": "iopub"})
+def channel_reading(opcode: int, frames: list[bytes], v1: bool) -> KernelChannel:
+    """A KernelChannel whose websocket hands out `frames` (all of one opcode), in order."""
 
     class Frames:
         sock = None
-        queue = [b"\x00garbage", good]
 
         def settimeout(self, timeout: float) -> None:
             pass
 
         def recv_data_frame(self, control_frame: bool = False):
-            return websocket.ABNF.OPCODE_BINARY, type("Frame", (), {"data": self.queue.pop(0)})
+            return opcode, type("Frame", (), {"data": frames.pop(0)})
 
-    channel = KernelChannel(Frames(), "k", "s", v1=True)
+    return KernelChannel(Frames(), "k", "s", v1=v1)
+
+
+def test_a_frame_that_is_no_jupyter_message_is_skipped_and_counted():
+    good = protocol.encode_v1({**protocol.kernel_info_request("s"), "channel": "iopub"})
+    channel = channel_reading(websocket.ABNF.OPCODE_BINARY, [b"\x00garbage", good], v1=True)
     message, size = channel.recv(5)
     assert message["msg_type"] == "kernel_info_request" and size == len(good)
     assert channel.dropped == 1
 
 
 def test_a_message_nested_too_deeply_to_decode_is_skipped_and_counted():
-    import websocket
-
     good = protocol.encode({**protocol.kernel_info_request("s"), "channel": "iopub"})
     nested = '{"header": ' + "[" * 200_000 + "]" * 200_000 + "}"
-
-    class Frames:
-        sock = None
-        queue = [nested.encode(), good.encode()]
-
-        def settimeout(self, timeout: float) -> None:
-            pass
-
-        def recv_data_frame(self, control_frame: bool = False):
-            return websocket.ABNF.OPCODE_TEXT, type("Frame", (), {"data": self.queue.pop(0)})
-
-    channel = KernelChannel(Frames(), "k", "s", v1=False)
+    channel = channel_reading(websocket.ABNF.OPCODE_TEXT, [nested.encode(), good.encode()],
+                              v1=False)
     message, _ = channel.recv(5)
     assert message["msg_type"] == "kernel_info_request"
     assert channel.dropped == 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,32 +25,33 @@ def _hold_for(kernel_id: str, seconds: float, ready) -> None:
         time.sleep(seconds)
 
 
-def test_a_kernel_held_by_another_process_is_not_acquired_before_the_deadline():
+@contextlib.contextmanager
+def held_elsewhere(kernel_id: str, seconds: float) -> Iterator[None]:
+    """Another process holds the kernel for `seconds` from when this yields."""
     ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_for, args=("k1", 1.5, ready))
+    holder = multiprocessing.Process(target=_hold_for, args=(kernel_id, seconds, ready))
     holder.start()
     try:
         assert ready.wait(10)
+        yield
+    finally:
+        holder.join(10)
+
+
+def test_a_kernel_held_by_another_process_is_not_acquired_before_the_deadline():
+    with held_elsewhere("k1", 1.5):
         started = time.monotonic()
         with KernelLocks(SERVER).hold("k1", time.monotonic() + 0.3) as acquired:
             assert acquired is False
         assert 0.25 < time.monotonic() - started < 1.2
         with KernelLocks(SERVER).hold("k1", time.monotonic() + 10) as acquired:
             assert acquired is True  # handed over once the other process let go
-    finally:
-        holder.join(10)
 
 
 def test_other_kernels_are_not_blocked():
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_for, args=("k2", 1.0, ready))
-    holder.start()
-    try:
-        assert ready.wait(10)
+    with held_elsewhere("k2", 1.0):
         with KernelLocks(SERVER).hold("k3", time.monotonic() + 0.2) as acquired:
             assert acquired is True
-    finally:
-        holder.join(10)
 
 
 def test_threads_of_one_process_take_turns():
@@ -112,11 +115,7 @@ def _lock_waiters() -> int:
 
 
 def test_callers_giving_up_on_a_kernel_another_process_holds_leave_one_waiting_thread():
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_for, args=("k6", 3.0, ready))
-    holder.start()
-    try:
-        assert ready.wait(10)
+    with held_elsewhere("k6", 3.0):
         locks = KernelLocks(SERVER)
         before = _lock_waiters()
         for _ in range(20):
@@ -125,8 +124,6 @@ def test_callers_giving_up_on_a_kernel_another_process_holds_leave_one_waiting_t
         assert _lock_waiters() - before == 1, "one thread waits on, taken over by each caller"
         with locks.hold("k6", time.monotonic() + 10) as acquired:
             assert acquired is True  # the waiting thread got it once the other process let go
-    finally:
-        holder.join(10)
     deadline = time.monotonic() + 5
     while _lock_waiters() > before and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -134,16 +131,10 @@ def test_callers_giving_up_on_a_kernel_another_process_holds_leave_one_waiting_t
 
 
 def test_a_given_up_wait_lets_go_of_the_lock_once_it_gets_it():
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_for, args=("k7", 0.5, ready))
-    holder.start()
-    try:
-        assert ready.wait(10)
+    with held_elsewhere("k7", 0.5):
         locks = KernelLocks(SERVER)
         with locks.hold("k7", time.monotonic() + 0.05) as acquired:
             assert acquired is False
-    finally:
-        holder.join(10)
     time.sleep(0.3)
     other = multiprocessing.Event()
     second = multiprocessing.Process(target=_hold_for, args=("k7", 0.1, other))
