@@ -32,6 +32,15 @@ class StrictFloat(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class StrictBoolean(fields.Boolean):
+    """JSON `true` or `false`, never a number (Python's `1 == True` would let 1 and 1.0 in)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValidationError("Not a valid boolean: true or false.")
+        return value
+
+
 class Text(fields.String):
     """A string that can be sent on: lone surrogates (JSON `\\ud800`) are not text."""
 
@@ -69,7 +78,7 @@ class ExecuteCodeSchema(KernelIdSchema):
 
     code = Text(required=True)
     timeout = StrictFloat(allow_nan=False, validate=validate.Range(min=0, min_inclusive=False))
-    stream = fields.Boolean(truthy={True}, falsy={False})  # JSON true/false only
+    stream = StrictBoolean()
     mode = fields.String(validate=validate.OneOf(["sync", "async"]))
 
     @validates_schema
@@ -121,7 +130,8 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
 # later versions, never removed (CONTRACT.md), so every answer object admits more properties
 # (`unknown = INCLUDE` becomes `additionalProperties: true`).
 
-# `cancelled` only ends a stream whose client went away (or half-closed its connection).
+# `cancelled`: the client went away (or half-closed its connection) before the answer; only a
+# stream's reader or the log ever see it.
 EXECUTION_STATUSES = ("ok", "error", "aborted", "timeout", "crashed", "cancelled")
 JOB_STATUSES = ("running", *EXECUTION_STATUSES, "failed", "lost")
 

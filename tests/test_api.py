@@ -182,6 +182,8 @@ def test_kernel_death_is_reported_as_crashed_and_kernel_works_again(http, kernel
     ({"id": UNKNOWN_KERNEL, "code": "1", "timeout": True}, "timeout"),
     ({"id": UNKNOWN_KERNEL, "code": "1", "timeout": None}, "timeout"),
     ({"id": UNKNOWN_KERNEL, "code": "1", "tiemout": 5}, "tiemout"),
+    ({"id": UNKNOWN_KERNEL, "code": "1", "stream": 1}, "stream"),
+    ({"id": UNKNOWN_KERNEL, "code": "1", "stream": "true"}, "stream"),
 ])
 def test_execute_with_bad_fields_is_400_naming_the_field(http, body, field):
     body = assert_error(http.post("/execute_code", json=body), 400, "invalid_request")
