@@ -7,8 +7,12 @@ errors must never carry upstream text or the token.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 import traceback
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -231,6 +235,49 @@ def test_closed_port_is_unavailable_within_seconds():
                                 token=TOKEN)) as down:
         raised_by(down.list_kernels, UpstreamUnavailable)
     assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def unreachable_url() -> Iterator[str]:
+    """A server whose connections never complete: its backlog is full, so the SYNs of new
+    ones go unanswered (as with a host that is down or cut off)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    for _ in range(2):
+        attempt = socket.socket()
+        attempt.settimeout(0.5)
+        with contextlib.suppress(OSError):
+            attempt.connect(("127.0.0.1", port))
+        queued.append(attempt)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for sock in (*queued, listener):
+            sock.close()
+
+
+def test_an_executions_questions_give_up_on_an_unreachable_server_within_seconds(
+        unreachable_url):
+    """The look-up, interrupt and restart of a running execution (at a deadline, in silence)
+    must not wait JUPYTER_TIMEOUT_CONNECT per attempt: the answer would come long after its
+    deadline."""
+    from app.kernels.connections import ChannelCache
+    from app.kernels.manager import CONTROL_CONNECT_SECONDS, _Kernel
+
+    settings = Settings(server_url=unreachable_url, token=TOKEN, timeout_connect=10)
+    with JupyterClient(settings) as client:
+        kernel = _Kernel(client, ChannelCache(0), KERNEL_ID)
+        started = time.monotonic()
+        with ThreadPoolExecutor(3) as pool:
+            calls = [pool.submit(raised_by, question, UpstreamUnavailable)
+                     for question in (kernel.describe, kernel.interrupt, kernel.restart)]
+            for call in calls:
+                call.result()
+    # three connection attempts each, with backoff; JUPYTER_TIMEOUT_CONNECT would be 30 s
+    assert time.monotonic() - started < 3 * CONTROL_CONNECT_SECONDS + 3
 
 
 def test_silent_server_is_a_timeout_not_unavailable(silent_upstream):

@@ -129,10 +129,11 @@ class JupyterClient:
             raise UpstreamError("the Jupyter server answered a kernel start without a kernel id")
         return model
 
-    def get_kernel(self, kernel_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """`GET /api/kernels/{id}`: the kernel's model (`timeout`: `JUPYTER_TIMEOUT_TOTAL`)."""
+    def get_kernel(self, kernel_id: str, timeout: float | None = None,
+                   connect_timeout: float | None = None) -> dict[str, Any]:
+        """`GET /api/kernels/{id}`: the kernel's model (timeouts: see `_request`)."""
         model = self._request("GET", f"/api/kernels/{kernel_id}", kernel_id=kernel_id,
-                              timeout=timeout)
+                              timeout=timeout, connect_timeout=connect_timeout)
         if not isinstance(model, dict):
             raise UpstreamError("the Jupyter server sent an unusable kernel model",
                                 request="GET /api/kernels/{id}")
@@ -168,15 +169,17 @@ class JupyterClient:
         """`DELETE /api/kernels/{id}`: stops the kernel and forgets it."""
         self._request("DELETE", f"/api/kernels/{kernel_id}", kernel_id=kernel_id)
 
-    def interrupt_kernel(self, kernel_id: str, timeout: float | None = None) -> None:
+    def interrupt_kernel(self, kernel_id: str, timeout: float | None = None,
+                         connect_timeout: float | None = None) -> None:
         """`POST /api/kernels/{id}/interrupt`: the kernel stops what it runs, keeps its state."""
         self._request("POST", f"/api/kernels/{kernel_id}/interrupt", kernel_id=kernel_id,
-                      timeout=timeout)
+                      timeout=timeout, connect_timeout=connect_timeout)
 
-    def restart_kernel(self, kernel_id: str) -> None:
+    def restart_kernel(self, kernel_id: str, connect_timeout: float | None = None) -> None:
         """`POST /api/kernels/{id}/restart`: a fresh process under the same id, state lost."""
         self._request("POST", f"/api/kernels/{kernel_id}/restart", kernel_id=kernel_id,
-                      timeout=self.settings.kernel_start_timeout)
+                      timeout=self.settings.kernel_start_timeout,
+                      connect_timeout=connect_timeout)
 
     def _takes_token(self) -> bool:
         """True if the server answers an authenticated read (its kernel specs) with our token."""
@@ -187,13 +190,17 @@ class JupyterClient:
         return True
 
     def _request(self, method: str, path: str, *, json: Any = None, timeout: float | None = None,
-                 kernel_id: str | None = None,
+                 kernel_id: str | None = None, connect_timeout: float | None = None,
                  forbidden: Callable[[requests.Response, str], KernelError] | None = None) -> Any:
         """One REST call; foreign errors become `KernelError`s without upstream text.
 
-        `forbidden` makes the error for a 403 when the caller knows the token is accepted.
+        `timeout` bounds the wait for the answer (default `JUPYTER_TIMEOUT_TOTAL`),
+        `connect_timeout` each of the (up to three) connection attempts (default
+        `JUPYTER_TIMEOUT_CONNECT`). `forbidden` makes the error for a 403 when the caller knows
+        the token is accepted.
         """
-        timeouts = (self.settings.timeout_connect, timeout or self.settings.timeout_total)
+        timeouts = (min(connect_timeout or self.settings.timeout_connect,
+                        self.settings.timeout_connect), timeout or self.settings.timeout_total)
         what = f"{method} {path}"
         try:
             response = self.session.request(method, self.base_url + path, json=json,

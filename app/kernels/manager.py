@@ -51,6 +51,7 @@ from app.metrics import metrics
 
 
 START_LOCK = "kernel-starts"  # the lock name that serializes counted kernel starts
+CONTROL_CONNECT_SECONDS = 2.0  # per connection attempt of an execution's REST questions
 
 
 def is_canonical_uuid(value: object) -> bool:
@@ -552,11 +553,17 @@ class _Kernel:
         else:
             channel.close()
 
+    # The execution loop's questions and its stop at a deadline: a server that cannot be
+    # reached is given CONTROL_CONNECT_SECONDS per connection attempt, not the full
+    # JUPYTER_TIMEOUT_CONNECT, so that they cannot hold the answer much past its deadline.
+
     def describe(self) -> dict[str, Any]:
-        return self.client.get_kernel(self.kernel_id, timeout=LOOKUP_SECONDS)
+        return self.client.get_kernel(self.kernel_id, timeout=LOOKUP_SECONDS,
+                                      connect_timeout=CONTROL_CONNECT_SECONDS)
 
     def interrupt(self) -> None:
-        self.client.interrupt_kernel(self.kernel_id, timeout=INTERRUPT_GRACE_SECONDS)
+        self.client.interrupt_kernel(self.kernel_id, timeout=INTERRUPT_GRACE_SECONDS,
+                                     connect_timeout=CONTROL_CONNECT_SECONDS)
 
     def restart(self) -> None:
-        self.client.restart_kernel(self.kernel_id)
+        self.client.restart_kernel(self.kernel_id, connect_timeout=CONTROL_CONNECT_SECONDS)
