@@ -64,7 +64,9 @@ class KernelLocks:
         callers that are not `limited` (jobs, bounded by their own limit) are not counted.
         """
         with self._guard:
-            turns = self._turns.setdefault(kernel_id, _Turns())
+            turns = self._turns.get(kernel_id)
+            if turns is None:  # (not setdefault: no object made per call on the hot path)
+                turns = self._turns[kernel_id] = _Turns()
             if not turns.held:
                 turns.held, my_turn = True, None
             elif limited and self.max_waiting and turns.limited >= self.max_waiting:
@@ -79,8 +81,7 @@ class KernelLocks:
                                  kernel_id=kernel_id)
             else:
                 my_turn = _Turn(limited)
-                turns.wait(my_turn)
-                self._limited_total += limited
+                self._line_up(turns, my_turn)
         if my_turn is not None and not self._wait_turn(kernel_id, turns, my_turn, deadline,
                                                        cancelled):
             yield False
@@ -146,16 +147,26 @@ class KernelLocks:
         with self._guard:
             if my_turn.is_set():
                 return False
-            turns.leave(my_turn)
-            self._limited_total -= my_turn.limited
+            self._step_out(turns, my_turn)
             return True
+
+    def _line_up(self, turns: _Turns, turn: _Turn) -> None:
+        """Under `_guard`: `turn` waits for the kernel, counted where it is `limited`."""
+        turns.waiting.append(turn)
+        turns.limited += turn.limited
+        self._limited_total += turn.limited
+
+    def _step_out(self, turns: _Turns, turn: _Turn) -> _Turn:
+        """Under `_guard`: `turn` waits no more (it gave up, or its wait is over)."""
+        turns.waiting.remove(turn)
+        turns.limited -= turn.limited
+        self._limited_total -= turn.limited
+        return turn
 
     def _pass_turn(self, kernel_id: str, turns: _Turns) -> None:
         with self._guard:
             if turns.waiting:
-                next_turn = turns.leave(turns.waiting[0])
-                self._limited_total -= next_turn.limited
-                next_turn.set()  # the kernel stays held: by the next one
+                self._step_out(turns, turns.waiting[0]).set()  # still held: by the next one
             else:
                 turns.held = False
                 del self._turns[kernel_id]
@@ -228,15 +239,6 @@ class _Turns:
         self.held = False
         self.waiting: deque[_Turn] = deque()
         self.limited = 0  # how many of those waiting count towards `max_waiting`
-
-    def wait(self, turn: _Turn) -> None:
-        self.waiting.append(turn)
-        self.limited += turn.limited
-
-    def leave(self, turn: _Turn) -> _Turn:
-        self.waiting.remove(turn)
-        self.limited -= turn.limited
-        return turn
 
 
 class _Turn(threading.Event):
