@@ -10,7 +10,7 @@ from app import schemas
 from app.errors import ApiError
 from app.jobs import JobRunner
 from app.kernels import KernelManager
-from app.kernels.manager import is_canonical_uuid
+from app.kernels.protocol import is_canonical_uuid
 from app.metrics import render
 from app.streaming import NDJSON, client_gone, ndjson_response
 

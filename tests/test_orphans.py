@@ -179,6 +179,16 @@ def test_a_server_that_chose_its_own_id_before_is_not_watched(scripted):
     assert manager._orphans.watched == []
 
 
+def test_a_kernel_unknown_to_the_server_is_watched_only_if_it_may_still_be_starting(scripted):
+    # A dead worker's pooled kernel that was starting: the server may register it later.
+    manager, upstream = scripted
+    upstream.delete(f"{BASE}/api/kernels/{KERNEL_ID}", status=404)
+    manager._shutdown_quietly(KERNEL_ID)
+    assert manager._orphans.watched == []  # shut down by someone else: nothing to do
+    manager._shutdown_quietly(KERNEL_ID, starting=True)
+    assert manager._orphans.watched == [KERNEL_ID]
+
+
 # -- real servers ----------------------------------------------------------------------------
 
 def test_servers_start_kernels_under_the_id_the_proxy_chose(jupyter_server, settings):

@@ -3,36 +3,47 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
+from threading import Event
 
 import pytest
 import requests
 
 from app import JupyterClient, KernelManager
 from app.kernels import UpstreamTimeout
-from app.kernels.pool import KernelPool
+from app.kernels.pool import KernelPool, PoolLedger
 
 
 class FakeServer:
-    """Starts numbered kernels; some may be dead by the time they are handed out."""
+    """Starts numbered kernels (or under the id asked for, with `own_ids`); some may be dead
+    by the time they are handed out."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_ids: bool = False) -> None:
         self.numbers = itertools.count(1)
+        self.own_ids = own_ids
         self.dead: set[str] = set()
         self.shut_down: list[str] = []
+        self.maybe_starting: list[str] = []  # shut down with `starting=True`
 
-    def start(self) -> dict:
-        return {"id": f"k{next(self.numbers)}", "name": "python3"}
+    def start(self, kernel_id: str) -> dict:
+        return {"id": kernel_id if self.own_ids else f"k{next(self.numbers)}",
+                "name": "python3"}
 
     def alive(self, kernel_id: str) -> bool:
         return kernel_id not in self.dead
 
-    def shutdown(self, kernel_id: str) -> None:
-        self.shut_down.append(kernel_id)
+    def shutdown(self, kernel_id: str, starting: bool = False) -> None:
+        (self.maybe_starting if starting else self.shut_down).append(kernel_id)
 
 
-def pool_of(size: int, server: FakeServer) -> KernelPool:
-    return KernelPool(size, "python3", server.start, server.alive, server.shutdown)
+def pool_of(size: int, server: FakeServer, ledger: PoolLedger | None = None) -> KernelPool:
+    return KernelPool(size, "python3", server.start, server.alive, server.shutdown, ledger)
 
 
 def test_pool_fills_hands_out_and_refills():
@@ -70,6 +81,101 @@ def test_closing_shuts_the_ready_kernels_down():
     pool.close()
     assert sorted(server.shut_down) == ["k1", "k2"]
     assert pool.take("python3") is None
+
+
+# -- the ledger: pooled kernels of a process that died -------------------------------------
+
+def listed(directory: Path) -> set[str]:
+    """Every kernel id the ledgers in `directory` list."""
+    return {line.split()[0] for path in directory.glob(PoolLedger.PATTERN)
+            for line in path.read_text().splitlines()}
+
+
+def test_the_ledger_lists_ready_kernels_and_never_one_handed_out(tmp_path):
+    server = FakeServer(own_ids=True)
+    pool = pool_of(2, server, PoolLedger(tmp_path))
+    assert pool.wait_until_full(5)
+    ready = {kernel["id"] for kernel in pool._ready}
+    assert listed(tmp_path) == ready
+    taken = pool.take("python3")["id"]
+    assert taken not in listed(tmp_path)
+    assert pool.wait_until_full(5)
+    assert listed(tmp_path) == {kernel["id"] for kernel in pool._ready}
+    pool.close()
+    assert list(tmp_path.iterdir()) == []  # closed cleanly: nothing left for anyone to reap
+
+
+def test_a_living_pools_kernels_are_never_reaped(tmp_path):
+    server = FakeServer(own_ids=True)
+    pool = pool_of(1, server, PoolLedger(tmp_path))
+    assert pool.wait_until_full(5)
+    other = FakeServer()
+    assert PoolLedger(tmp_path).reap(other.shutdown) == []  # locked: its process lives
+    assert other.shut_down == other.maybe_starting == [] and len(listed(tmp_path)) == 1
+    pool.close()
+
+
+LEDGER_OWNER = """
+import sys, time
+from pathlib import Path
+from app.kernels.pool import PoolLedger
+ledger = PoolLedger(Path(sys.argv[1]))
+ledger.record(sys.argv[3:], starting=sys.argv[2])
+print("recorded", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_kernels_of_a_killed_process_are_shut_down_by_the_next_pool(tmp_path):
+    ready, starting = [str(uuid.uuid4()), str(uuid.uuid4())], str(uuid.uuid4())
+    owner = subprocess.Popen([sys.executable, "-c", LEDGER_OWNER, str(tmp_path), starting,
+                              *ready, "../../etc", "not-an-id"],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert owner.stdout.readline().strip() == "recorded"
+        assert PoolLedger(tmp_path).reap(FakeServer().shutdown) == []  # alive: left alone
+        owner.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel's unlock
+        owner.wait(10)
+    finally:
+        owner.kill()
+    server = FakeServer(own_ids=True)
+    pool = pool_of(1, server, PoolLedger(tmp_path))
+    assert pool.wait_until_full(5)  # reaping comes first
+    assert server.shut_down == ready  # only what looks like a kernel id reaches the server
+    assert server.maybe_starting == [starting]  # its start may finish yet: watched for
+    assert listed(tmp_path) == {pool._ready[0]["id"]}
+    pool.close()
+
+
+def test_a_kernel_still_starting_at_close_is_left_for_the_next_pool(tmp_path):
+    release = Event()
+
+    class SlowServer(FakeServer):
+        def start(self, kernel_id: str) -> dict:
+            release.wait(10)
+            return super().start(kernel_id)
+
+    slow = SlowServer(own_ids=True)
+    pool = pool_of(1, slow, PoolLedger(tmp_path))
+    pool.start()
+    deadline = time.monotonic() + 5
+    while not listed(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    starting = listed(tmp_path)
+    assert len(starting) == 1  # listed before its start is asked for
+    pool.close(timeout=0.1)  # the start outlives the close
+    server = FakeServer(own_ids=True)
+    assert PoolLedger(tmp_path).reap(server.shutdown) == sorted(starting)
+    assert server.maybe_starting == sorted(starting)
+    release.set()
+
+
+def test_a_ledger_that_cannot_be_written_is_given_up_not_half_kept(tmp_path):
+    ledger = PoolLedger(tmp_path / "gone")  # no such directory
+    ledger.record([str(uuid.uuid4())])
+    assert ledger.directory is None  # warned once, then no more tries
+    ledger.record([str(uuid.uuid4())])
+    ledger.close()
 
 
 # -- with a real Jupyter server ---------------------------------------------------------------
@@ -115,18 +221,23 @@ def test_pooled_kernel_shut_down_elsewhere_is_not_handed_out(settings):
         manager.shutdown_kernel(kernel["id"])
 
 
+def kernels_of(server) -> set[str]:
+    """The ids of the kernels `server` (a `jupyter_server` fixture value) runs."""
+    headers = {"Authorization": f"token {server.token}"}
+    # jupyter_server can fail a listing (500) while a kernel is being removed: ask again.
+    for _ in range(50):
+        answer = requests.get(f"{server.url}/api/kernels", headers=headers, timeout=10)
+        if answer.status_code == 200:
+            return {k["id"] for k in answer.json()}
+        time.sleep(0.1)
+    raise AssertionError(f"the Jupyter server keeps failing: {answer.status_code}")
+
+
 def test_pooled_kernels_are_shut_down_when_the_proxy_stops(start_proxy, jupyter_server):
     headers = {"Authorization": f"token {jupyter_server.token}"}
 
     def server_kernels() -> set[str]:
-        # jupyter_server can fail a listing (500) while a kernel is being removed: ask again.
-        for _ in range(50):
-            answer = requests.get(f"{jupyter_server.url}/api/kernels", headers=headers,
-                                  timeout=10)
-            if answer.status_code == 200:
-                return {k["id"] for k in answer.json()}
-            time.sleep(0.1)
-        raise AssertionError(f"the Jupyter server keeps failing: {answer.status_code}")
+        return kernels_of(jupyter_server)
 
     before = server_kernels()
     proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "2",
@@ -144,13 +255,83 @@ def test_pooled_kernels_are_shut_down_when_the_proxy_stops(start_proxy, jupyter_
     requests.delete(f"{jupyter_server.url}/api/kernels/{kernel_id}", headers=headers, timeout=10)
 
 
-def test_preloaded_workers_never_hand_out_the_same_kernel(jupyter_server):
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
+def pooled_proxy(start_proxy, server):
+    """The real command with one worker and a pool of two; Enterprise Gateway gets an env with
+    each start, so that it takes the kernel ids the proxy chooses (see test_orphans)."""
+    env = {"JUPYTER_TOKEN": server.token}
+    if server.kind == "enterprise_gateway":
+        env["JUPYTER_KERNEL_ENV"] = "KERNEL_USERNAME=proxy"
+    return start_proxy("--server-url", server.url, "--workers", "1", "--pool-size", "2",
+                       env=env)
 
+
+def wait_for(condition, what: str, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def kill_the_worker(proxy) -> None:
+    """SIGKILL, as the OOM killer would: no clean-up runs in the worker."""
+    children = Path(f"/proc/{proxy.process.pid}/task/{proxy.process.pid}/children")
+    (worker,) = children.read_text().split()
+    os.kill(int(worker), signal.SIGKILL)
+
+
+def kernels_started(proxy) -> int:
+    return sum(line.get("message") == "kernel started" for line in proxy.log_lines())
+
+
+def test_a_killed_workers_pooled_kernels_are_shut_down_by_its_replacement(start_proxy,
+                                                                          jupyter_server):
+    before = kernels_of(jupyter_server)
+    proxy = pooled_proxy(start_proxy, jupyter_server)
+    wait_for(lambda: kernels_started(proxy) == 2, "the pool did not fill")
+    given = requests.post(f"{proxy.url}/start_kernel", timeout=60).json()["id"]
+    wait_for(lambda: kernels_started(proxy) == 3, "the pool did not refill")
+    time.sleep(0.5)
+    pooled = kernels_of(jupyter_server) - before - {given}
+    assert len(pooled) == 2
+    kill_the_worker(proxy)
+    # Its replacement shuts the dead worker's pooled kernels down, fills its own pool, and
+    # leaves the kernel a client was given alone.
+    wait_for(lambda: not pooled & kernels_of(jupyter_server), "the dead pool's kernels run on")
+    wait_for(lambda: kernels_started(proxy) == 5, "the new pool did not fill")
+    assert kernels_of(jupyter_server) - before - pooled == kernels_of(jupyter_server) - before
+    assert given in kernels_of(jupyter_server)
+    answer = requests.post(f"{proxy.url}/execute_code", json={"id": given, "code": "6 * 7"},
+                           timeout=60).json()
+    assert answer["status"] == "ok", answer
+    assert any(line.get("message", "").startswith("shut down the pooled kernels of a process")
+               for line in proxy.log_lines())
+    requests.post(f"{proxy.url}/shutdown_kernel", json={"id": given}, timeout=60)
+
+
+def test_a_kernel_a_killed_worker_was_starting_for_its_pool_is_shut_down(start_proxy,
+                                                                         jupyter_server):
+    from app.kernels.locks import lock_directory
+
+    before = kernels_of(jupyter_server)
+    proxy = pooled_proxy(start_proxy, jupyter_server)
+    seen: set[str] = set()
+
+    def starting_on_the_server() -> bool:
+        ledgers = lock_directory(jupyter_server.url).glob(PoolLedger.PATTERN)
+        starting = {line.split()[0] for path in ledgers for line in path.read_text().split("\n")
+                    if line.endswith(" starting")}
+        seen.update(starting & kernels_of(jupyter_server))
+        return bool(seen)
+
+    wait_for(starting_on_the_server, "no pooled kernel was seen starting")
+    kill_the_worker(proxy)  # the server has the kernel; the worker waited for it to be ready
+    (kernel_id,) = seen
+    wait_for(lambda: kernel_id not in kernels_of(jupyter_server),
+             "the kernel the dead worker was starting runs on", seconds=60)
+    wait_for(lambda: len(kernels_of(jupyter_server) - before) == 2, "the new pool did not fill")
+
+
+def test_preloaded_workers_never_hand_out_the_same_kernel(jupyter_server):
     from app.embedded import free_port
     from tests.conftest import REPO, wait_for_health
 

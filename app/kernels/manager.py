@@ -23,9 +23,9 @@ from app.kernels import protocol
 from app.kernels.channel import KernelChannel
 from app.kernels.client import START_REQUEST, JupyterClient
 from app.kernels.connections import ChannelCache
-from app.kernels.locks import KernelLocks
+from app.kernels.locks import KernelLocks, private_directory
 from app.kernels.orphans import OrphanReaper
-from app.kernels.pool import KernelPool
+from app.kernels.pool import KernelPool, PoolLedger
 from app.kernels.errors import (
     CodeTooLarge,
     InvalidRequest,
@@ -54,17 +54,9 @@ START_LOCK = "kernel-starts"  # the lock name that serializes counted kernel sta
 CONTROL_CONNECT_SECONDS = 2.0  # per connection attempt of an execution's REST questions
 
 
-def is_canonical_uuid(value: object) -> bool:
-    """True for a UUID in its canonical form (lower case, hyphenated): ids of kernels, jobs."""
-    try:
-        return isinstance(value, str) and str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
-
-
 def check_kernel_id(kernel_id: str) -> str:
     """`kernel_id` if it is a canonical UUID; anything else never reaches an upstream URL."""
-    if is_canonical_uuid(kernel_id):
+    if protocol.is_canonical_uuid(kernel_id):
         return kernel_id
     raise InvalidRequest("id must be a kernel id: a canonical UUID such as "
                          "'0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10'", field="id")
@@ -119,9 +111,10 @@ class KernelManager:
         self._channels = ChannelCache(self.settings.max_idle_connections,
                                       used_elsewhere=self._used_by_another_process)
         self._pool = KernelPool(self._pool_size, self.settings.kernel_name,
-                                start=lambda: self._start_new(self.settings.kernel_name,
-                                                              warm=True),
-                                alive=self._is_alive, shutdown=self._shutdown_quietly) \
+                                start=lambda kernel_id: self._start_new(
+                                    self.settings.kernel_name, warm=True, kernel_id=kernel_id),
+                                alive=self._is_alive, shutdown=self._shutdown_quietly,
+                                ledger=PoolLedger(private_directory(self.client.base_url))) \
             if self._pool_size > 0 else None
 
     def _used_by_another_process(self, kernel_id: str) -> bool:
@@ -151,12 +144,15 @@ class KernelManager:
         if self._pool is not None:
             self._pool.start()
 
-    def _start_new(self, name: str, warm: bool = False) -> dict[str, Any]:
-        """Starts a kernel and waits until it is ready; `warm` also runs a silent first cell,
-        which costs a new kernel twice an ordinary one (imports, history set-up).
+    def _start_new(self, name: str, warm: bool = False,
+                   kernel_id: str | None = None) -> dict[str, Any]:
+        """Starts a kernel (under `kernel_id` if given, else a new id) and waits until it is
+        ready; `warm` also runs a silent first cell, which costs a new kernel twice an ordinary
+        one (imports, history set-up).
         """
         started = time.monotonic()
-        model = self._start_counted(name, started + self.settings.kernel_start_timeout)
+        model = self._start_counted(name, started + self.settings.kernel_start_timeout,
+                                    kernel_id or str(uuid.uuid4()))
         kernel_id = model["id"]
         deadline = started + self.settings.kernel_start_timeout
         try:
@@ -181,7 +177,7 @@ class KernelManager:
         return {"id": kernel_id, "name": model.get("name", name),
                 "execution_state": "idle", "last_activity": model.get("last_activity")}
 
-    def _start_counted(self, name: str, deadline: float) -> dict[str, Any]:
+    def _start_counted(self, name: str, deadline: float, kernel_id: str) -> dict[str, Any]:
         """`POST /api/kernels`, refused once the server runs `max_kernels` (0: no limit).
 
         With a limit, counting and starting hold one lock across this host's workers, so that
@@ -189,7 +185,7 @@ class KernelManager:
         """
         limit = self.settings.max_kernels
         if not limit:
-            return self._post_start(name)
+            return self._post_start(name, kernel_id)
         # Not limited as executions are: starts wait their turn, bounded by their deadline.
         with self._locks.hold(START_LOCK, deadline, limited=False) as acquired:
             if not acquired:
@@ -198,14 +194,13 @@ class KernelManager:
                 raise TooManyKernels(f"the Jupyter server already runs {limit} kernels, as "
                                      "many as JUPYTER_MAX_KERNELS allows; shut one down first",
                                      max_kernels=limit)
-            return self._post_start(name)
+            return self._post_start(name, kernel_id)
 
-    def _post_start(self, name: str) -> dict[str, Any]:
+    def _post_start(self, name: str, kernel_id: str) -> dict[str, Any]:
         """`POST /api/kernels` under an id of our choosing: if the answer is lost (a timeout,
         a broken connection, a 5xx from the server or a proxy in front of it), the kernel is
         shut down should the server start it anyway (`orphans`).
         """
-        kernel_id = str(uuid.uuid4())
         try:
             model = self.client.start_kernel(name, self.settings.kernel_env_vars or None,
                                              kernel_id=kernel_id)
@@ -419,13 +414,15 @@ class KernelManager:
                                  field="timeout")
         return float(timeout)
 
-    def _shutdown_quietly(self, kernel_id: str) -> None:
+    def _shutdown_quietly(self, kernel_id: str, starting: bool = False) -> None:
         """Shuts down a kernel nobody else knows of; if the server cannot say it did, the
-        kernel is watched and shut down later (`orphans`)."""
+        kernel is watched and shut down later (`orphans`), as it is if the server does not
+        know it (yet) and it may still be `starting`."""
         try:
             self.client.shutdown_kernel(kernel_id)
         except KernelNotFound:
-            pass
+            if starting:
+                self._orphans.watch(kernel_id)
         except KernelError:
             self._orphans.watch(kernel_id)
 

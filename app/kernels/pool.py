@@ -3,20 +3,28 @@
 Each process (gunicorn worker) keeps up to `size` ready kernels of the default kernel spec; a
 request for another spec starts its kernel as usual. A kernel is handed out only after a check
 that it is still alive, and the pool refills in the background. Closing the pool shuts its
-kernels down.
+kernels down; the kernels of a pool whose process died without closing it (SIGKILL, the OOM
+killer, gunicorn killing a stuck worker) are shut down by the next pool to start on the host
+(`PoolLedger`).
 
-Lock story: one condition variable guards the list of ready kernels and the counters. Takers pop
-under it and never wait; the one filler thread starts kernels (blocking calls) outside it.
+Lock story: one condition variable guards the list of ready kernels, the kernel being started
+and the ledger. Takers pop under it and never wait; the one filler thread starts kernels
+(blocking calls) outside it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from app.kernels.errors import KernelError
+from app.kernels.protocol import is_canonical_uuid
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +37,20 @@ REFILL_DELAY_SECONDS = 0.5
 class KernelPool:
     """Ready kernels of one kernel spec."""
 
-    def __init__(self, size: int, kernel_name: str, start: Callable[[], dict[str, Any]],
-                 alive: Callable[[str], bool], shutdown: Callable[[str], None]) -> None:
+    def __init__(self, size: int, kernel_name: str, start: Callable[[str], dict[str, Any]],
+                 alive: Callable[[str], bool], shutdown: Callable[..., None],
+                 ledger: PoolLedger | None = None) -> None:
+        """`start(kernel_id)` starts a kernel under that new id (the server may choose another)
+        and returns its model once it is ready; `shutdown(kernel_id, starting=False)` shuts one
+        down (`starting`: its start may still be under way)."""
         self.size = size
         self.kernel_name = kernel_name
         self._start = start
         self._alive = alive
         self._shutdown = shutdown
+        self._ledger = ledger
         self._ready: list[dict[str, Any]] = []
+        self._starting: str | None = None  # the id of the kernel the filler is starting
         self._changed = threading.Condition()
         self._closed = False
         self._filler: threading.Thread | None = None
@@ -51,6 +65,7 @@ class KernelPool:
                 if not self._ready:
                     return None
                 kernel = self._ready.pop(0)
+                self._record()  # before anyone has it: a ledger never lists a client's kernel
                 self._changed.notify_all()  # the filler starts a replacement
             if self._alive(kernel["id"]):
                 return kernel
@@ -84,10 +99,13 @@ class KernelPool:
             filler.join(timeout)  # it shuts down the kernel it was starting
             if filler.is_alive():
                 log.warning("a kernel the pool was starting may be left running")
+        if self._ledger is not None:
+            with self._changed:  # a start still under way stays listed, for the next pool
+                self._ledger.close(starting=self._starting)
 
-    def _shutdown_quietly(self, kernel_id: str) -> None:
+    def _shutdown_quietly(self, kernel_id: str, starting: bool = False) -> None:
         try:
-            self._shutdown(kernel_id)
+            self._shutdown(kernel_id, starting=starting)
         except KernelError:
             log.warning("could not shut down a pooled kernel",
                         extra={"context": {"kernel_id": kernel_id}})
@@ -102,6 +120,8 @@ class KernelPool:
                 self._filler.start()
 
     def _fill_forever(self) -> None:
+        if self._ledger is not None:
+            self._ledger.reap(self._shutdown_quietly)
         pause = RETRY_SECONDS[0]
         while True:
             with self._changed:
@@ -111,9 +131,14 @@ class KernelPool:
                     self._changed.wait(REFILL_DELAY_SECONDS)  # closing cuts this short
                 if self._closed:
                     return
+                self._starting = str(uuid.uuid4())
+                self._record()  # listed before it starts: a start cut short leaks nothing
             try:
-                kernel = self._start()
+                kernel = self._start(self._starting)
             except KernelError as err:
+                with self._changed:
+                    self._starting = None  # shut down already, or watched (`orphans`)
+                    self._record()
                 log.warning("could not start a kernel for the pool; retrying",
                             extra={"context": {"reason": err.message, "retry_in_s": pause}})
                 with self._changed:
@@ -122,9 +147,136 @@ class KernelPool:
                 continue
             pause = RETRY_SECONDS[0]
             with self._changed:
+                self._starting = None
                 if not self._closed:
                     self._ready.append(kernel)
+                    self._record()
                     self._changed.notify_all()
                     continue
             self._shutdown_quietly(kernel["id"])  # closed while it started
             return
+
+    def _record(self) -> None:
+        """Writes the pool's kernels to its ledger (under `_changed`)."""
+        if self._ledger is not None:
+            self._ledger.record([kernel["id"] for kernel in self._ready], self._starting)
+
+
+class PoolLedger:
+    """The ids of one pool's kernels, in a file of this server's private lock directory that
+    the pool's process holds an `flock` on for as long as it lives (the kernel being started
+    is listed before its start is asked for).
+
+    The operating system releases that `flock` when the process dies, however it dies: `reap`
+    (the next pool to start on the host for the same server: the dead worker's replacement, or
+    the proxy started again) takes the unlocked files and shuts their kernels down. The server
+    may not know the kernel that was starting yet (the start may still be on its way), so that
+    one is shut down with `starting=True`: looked for a while longer if the server says no such
+    kernel.
+
+    An id leaves the file before its kernel is handed out, and every write empties the file
+    before writing the new list: a failed write loses ids (those kernels would leak, as
+    without a ledger), but the file never lists a kernel a client was given.
+    """
+
+    PATTERN = "pool-*.ids"
+
+    def __init__(self, directory: Path | None) -> None:
+        """`directory`: private to this user (`locks.private_directory`); None: no ledger."""
+        self.directory = directory
+        self._fd: int | None = None
+        self._path: Path | None = None
+
+    def record(self, kernel_ids: Iterable[str], starting: str | None = None) -> None:
+        """Replaces the list of the pool's kernels: those ready, and the one `starting`."""
+        if self.directory is None:
+            return
+        lines = [f"{kernel_id}\n" for kernel_id in kernel_ids]
+        if starting:
+            lines.append(f"{starting} starting\n")
+        data = "".join(lines).encode()
+        try:
+            if self._fd is None:
+                self._open()
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+        except OSError as err:
+            log.warning("pooled kernels will not be shut down if this process is killed: "
+                        "their list cannot be kept", extra={"context": {"reason": str(err)}})
+            self._drop()
+
+    def close(self, starting: str | None = None) -> None:
+        """Lets the file go for good: removed, or, with a kernel still `starting`, unlocked
+        and listing it for a later `reap`."""
+        if starting and self._fd is not None:
+            self.record([], starting)  # (a failure drops the file)
+            if self._fd is not None:
+                os.close(self._fd)  # unlocked: the next pool's `reap` takes it
+                self._fd = self._path = None
+        self._drop()
+
+    def reap(self, shutdown: Callable[..., Any]) -> list[str]:
+        """Shuts down (with `shutdown(kernel_id, starting=...)`) the kernels listed by pools
+        whose process is gone, and removes their files; returns those kernel ids."""
+        reaped: list[str] = []
+        if self.directory is None:
+            return reaped
+        for path in sorted(self.directory.glob(self.PATTERN)):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError:
+                continue  # reaped meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_nlink == 0:
+                    continue  # another pool reaped it first
+                listed = [line.split() for line in os.pread(fd, 1 << 20, 0).decode(
+                    errors="replace").splitlines()]
+                kernel_ids = []
+                for kernel_id, *marks in filter(None, listed):
+                    if is_canonical_uuid(kernel_id):
+                        shutdown(kernel_id, starting=marks == ["starting"])
+                        kernel_ids.append(kernel_id)
+                os.ftruncate(fd, 0)
+                path.unlink()
+            except BlockingIOError:
+                continue  # its process lives (this process's own file included)
+            except OSError as err:
+                log.warning("could not read a dead process's list of pooled kernels",
+                            extra={"context": {"path": str(path), "reason": str(err)}})
+                continue
+            finally:
+                os.close(fd)
+            if kernel_ids:
+                log.warning("shut down the pooled kernels of a process that died without "
+                            "closing its pool", extra={"context": {"kernel_ids": kernel_ids}})
+            reaped += kernel_ids
+        return reaped
+
+    def _open(self) -> None:
+        """Creates the file, locked, under a name `reap` ignores until it is locked."""
+        assert self.directory is not None
+        name = f"pool-{os.getpid()}-{uuid.uuid4().hex[:8]}.ids"
+        temporary = self.directory / f".{name}"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(temporary, self.directory / name)
+        except OSError:
+            os.close(fd)
+            temporary.unlink(missing_ok=True)
+            raise
+        self._fd, self._path = fd, self.directory / name
+
+    def _drop(self) -> None:
+        """Removes the file and stops keeping one."""
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+                if self._path is not None:
+                    self._path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            os.close(self._fd)
+        self._fd = self._path = None
+        self.directory = None

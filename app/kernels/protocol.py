@@ -31,6 +31,14 @@ _V1_PARTS = ("header", "parent_header", "metadata", "content")
 _JSON = json.JSONDecoder()
 
 
+def is_canonical_uuid(value: object) -> bool:
+    """True for a UUID in its canonical form (lower case, hyphenated): ids of kernels, jobs."""
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 def new_message(msg_type: str, content: dict[str, Any], session_id: str,
                 channel: str = "shell") -> dict[str, Any]:
     """A complete Jupyter message with a fresh `msg_id`, ready to send."""
