@@ -314,6 +314,42 @@ def _wait_until(attempt: Callable[[float], bool], deadline: float,
             return False
 
 
+def create_held(directory: Path, name: str) -> int:
+    """Creates the file `name` in `directory` and returns a descriptor that holds its `flock`
+    until it is closed (or its process dies). The file appears under its name only once held
+    (it is made under a hidden name, then renamed), so `take_if_abandoned` never mistakes a
+    new file for a dead process's."""
+    hidden = directory / f".{name}"
+    fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(hidden, directory / name)
+    except OSError:
+        os.close(fd)
+        hidden.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+@contextmanager
+def take_if_abandoned(path: Path) -> Iterator[int | None]:
+    """A file made by `create_held`: yields a descriptor holding it if the process that held
+    it is gone (closed after the block), or None while that process lives. Raises
+    `FileNotFoundError` if the file is gone, or was removed by another taker meanwhile."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        if os.fstat(fd).st_nlink == 0:
+            raise FileNotFoundError(path)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def lock_directory(server_url: str) -> Path:
     """Where the lock files of this server's kernels are (see `private_directory`)."""
     digest = hashlib.sha256(server_url.encode()).hexdigest()[:16]

@@ -523,6 +523,8 @@ def _after_fork(manager_ref: weakref.ref) -> None:
     """In a forked child: fresh per-process state; the parent's stays the parent's."""
     manager = manager_ref()
     if manager is not None:
+        if manager._pool is not None:
+            manager._pool.forget_inherited()
         manager.client.reset_connections()
         manager._set_up_process_state()
 

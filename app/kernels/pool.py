@@ -14,7 +14,7 @@ and the ledger. Takers pop under it and never wait; the one filler thread starts
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import logging
 import os
 import threading
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from app.kernels.errors import KernelError
+from app.kernels.locks import create_held, take_if_abandoned
 from app.kernels.protocol import is_canonical_uuid
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ class KernelPool:
             with self._changed:  # a start still under way stays listed, for the next pool
                 self._ledger.close(starting=self._starting)
 
+    def forget_inherited(self) -> None:
+        """In a forked child: the parent's ready kernels and their list stay the parent's."""
+        if self._ledger is not None:
+            self._ledger.forget_inherited()
+
     def _shutdown_quietly(self, kernel_id: str, starting: bool = False) -> None:
         try:
             self._shutdown(kernel_id, starting=starting)
@@ -121,7 +127,10 @@ class KernelPool:
 
     def _fill_forever(self) -> None:
         if self._ledger is not None:
-            self._ledger.reap(self._shutdown_quietly)
+            try:
+                self._ledger.reap(self._shutdown_quietly)
+            except Exception:  # the pool fills all the same
+                log.exception("could not shut down the pooled kernels of dead processes")
         pause = RETRY_SECONDS[0]
         while True:
             with self._changed:
@@ -196,10 +205,14 @@ class PoolLedger:
             lines.append(f"{starting} starting\n")
         data = "".join(lines).encode()
         try:
+            if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+                os.close(self._fd)  # removed (a /tmp cleaner): list the kernels anew
+                self._fd = None
             if self._fd is None:
                 self._open()
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, data, 0)
+            if os.pwrite(self._fd, data, 0) != len(data):
+                raise OSError("short write")
         except OSError as err:
             log.warning("pooled kernels will not be shut down if this process is killed: "
                         "their list cannot be kept", extra={"context": {"reason": str(err)}})
@@ -223,30 +236,24 @@ class PoolLedger:
             return reaped
         for path in sorted(self.directory.glob(self.PATTERN)):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-            except OSError:
-                continue  # reaped meanwhile
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_nlink == 0:
-                    continue  # another pool reaped it first
-                listed = [line.split() for line in os.pread(fd, 1 << 20, 0).decode(
-                    errors="replace").splitlines()]
-                kernel_ids = []
-                for kernel_id, *marks in filter(None, listed):
-                    if is_canonical_uuid(kernel_id):
-                        shutdown(kernel_id, starting=marks == ["starting"])
-                        kernel_ids.append(kernel_id)
-                os.ftruncate(fd, 0)
-                path.unlink()
-            except BlockingIOError:
-                continue  # its process lives (this process's own file included)
+                with take_if_abandoned(path) as fd:
+                    if fd is None:
+                        continue  # its process lives (this process's own file included)
+                    listed = [line.split() for line in os.pread(fd, 1 << 20, 0).decode(
+                        errors="replace").splitlines()]
+                    kernel_ids = []
+                    for kernel_id, *marks in filter(None, listed):
+                        if is_canonical_uuid(kernel_id):
+                            shutdown(kernel_id, starting=marks == ["starting"])
+                            kernel_ids.append(kernel_id)
+                    os.ftruncate(fd, 0)
+                    path.unlink()
+            except FileNotFoundError:
+                continue  # another pool reaped it first
             except OSError as err:
                 log.warning("could not read a dead process's list of pooled kernels",
                             extra={"context": {"path": str(path), "reason": str(err)}})
                 continue
-            finally:
-                os.close(fd)
             if kernel_ids:
                 log.warning("shut down the pooled kernels of a process that died without "
                             "closing its pool", extra={"context": {"kernel_ids": kernel_ids}})
@@ -254,29 +261,36 @@ class PoolLedger:
         return reaped
 
     def _open(self) -> None:
-        """Creates the file, locked, under a name `reap` ignores until it is locked."""
         assert self.directory is not None
         name = f"pool-{os.getpid()}-{uuid.uuid4().hex[:8]}.ids"
-        temporary = self.directory / f".{name}"
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.rename(temporary, self.directory / name)
-        except OSError:
-            os.close(fd)
-            temporary.unlink(missing_ok=True)
-            raise
-        self._fd, self._path = fd, self.directory / name
+        self._fd, self._path = create_held(self.directory, name), self.directory / name
 
     def _drop(self) -> None:
-        """Removes the file and stops keeping one."""
+        """Removes the file and stops keeping one. A file that can be neither removed nor
+        emptied (a failing disk) may list a kernel a client was given: its lock is then kept
+        for as long as this process lives."""
         if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)
+            gone = False
+            with contextlib.suppress(OSError):
                 if self._path is not None:
                     self._path.unlink(missing_ok=True)
-            except OSError:
-                pass
+                    gone = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+                gone = True
+            if gone:
+                os.close(self._fd)
+            else:
+                log.error("a list of pooled kernels can be neither removed nor emptied: it "
+                          "stays locked until this process ends", extra={"context": {
+                              "path": str(self._path)}})
+        self._fd = self._path = None
+        self.directory = None
+
+    def forget_inherited(self) -> None:
+        """In a forked child: lets go of the descriptor inherited from the parent, whose file
+        and lock stay the parent's (held by the child too, they would outlive the parent)."""
+        if self._fd is not None:
             os.close(self._fd)
         self._fd = self._path = None
         self.directory = None
