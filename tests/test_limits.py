@@ -167,3 +167,75 @@ def test_counted_kernel_starts_queue_and_are_never_refused_as_busy(settings):
         for kernel in started:
             manager.shutdown_kernel(kernel["id"])
     assert len({kernel["id"] for kernel in started}) == 3
+
+
+def test_counted_starts_run_side_by_side_and_the_limit_still_holds():
+    """Two starts in flight at once (the server answers neither yet) fill a limit of two: a
+    third is refused at once; once they end, the server's listing counts their kernels."""
+    import json
+    import uuid
+
+    import responses
+
+    from app import Settings
+    from app.kernels import TooManyKernels
+
+    base = f"http://limits.test:{free_port()}"  # a lock directory of its own
+    settings = Settings(server_url=base, token="t0ken-0123456789", max_kernels=2)
+    arrived: list[str] = []
+    answer = threading.Event()
+
+    def start(request):
+        kernel_id = json.loads(request.body)["kernel_id"]
+        arrived.append(kernel_id)
+        answer.wait(10)
+        return 201, {}, json.dumps({"id": kernel_id, "name": "python3"})
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream, \
+            KernelManager(JupyterClient(settings)) as manager:
+        upstream.get(f"{base}/api/kernelspecs",
+                     json={"default": "python3", "kernelspecs": {"python3": {}}})
+        upstream.get(f"{base}/api/kernels", json=[])
+        upstream.add_callback("POST", f"{base}/api/kernels", callback=start)
+
+        def counted_start() -> dict:
+            return manager._start_counted("python3", time.monotonic() + 10, str(uuid.uuid4()))
+
+        with ThreadPoolExecutor(2) as pool:
+            starts = [pool.submit(counted_start) for _ in range(2)]
+            deadline = time.monotonic() + 5
+            while len(arrived) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(arrived) == 2  # both reached the server: neither waited for the other
+            with pytest.raises(TooManyKernels):
+                counted_start()  # the server lists none yet: the two in flight count
+            answer.set()
+            started = {start.result()["id"] for start in starts}
+        assert started == set(arrived)
+        upstream.replace("GET", f"{base}/api/kernels",
+                         json=[{"id": kernel_id} for kernel_id in started])
+        with pytest.raises(TooManyKernels):
+            counted_start()  # now the server lists them (and nothing is counted twice)
+        upstream.replace("GET", f"{base}/api/kernels", json=[{"id": arrived[0]}])
+        assert counted_start()["id"] not in started
+        manager._orphans.close = lambda: None  # nothing to shut down on a scripted server
+
+
+def test_concurrent_starts_through_the_proxy_stop_exactly_at_the_limit(start_proxy,
+                                                                        jupyter_server):
+    headers = {"Authorization": f"token {jupyter_server.token}"}
+    running = len(requests.get(f"{jupyter_server.url}/api/kernels", headers=headers,
+                               timeout=10).json())
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "2",
+                        env={"JUPYTER_TOKEN": jupyter_server.token,
+                             "JUPYTER_MAX_KERNELS": str(running + 2)})
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: requests.post(
+            f"{proxy.url}/start_kernel", headers={"Connection": "close"}, timeout=120),
+            range(5)))
+    statuses = sorted(answer.status_code for answer in answers)
+    for answer in answers:
+        if answer.status_code == 200:
+            requests.post(f"{proxy.url}/shutdown_kernel", json={"id": answer.json()["id"]},
+                          timeout=60)
+    assert statuses == [200, 200, 429, 429, 429], [answer.text for answer in answers]

@@ -212,3 +212,32 @@ def test_a_failing_cancel_check_leaves_the_kernel_to_the_others():
         assert locks.waiting("k10") == 0
     with locks.hold("k10", time.monotonic() + 1) as acquired:
         assert acquired
+
+
+def _reserve_until_killed(name: str, ready) -> None:
+    with KernelLocks(SERVER).reserve(name):
+        ready.set()
+        time.sleep(60)
+
+
+def test_a_reservation_counts_in_every_process_until_it_ends_or_its_process_dies():
+    import signal
+    import uuid
+
+    locks = KernelLocks(SERVER)
+    mine, theirs = str(uuid.uuid4()), str(uuid.uuid4())
+    with locks.reserve(mine):
+        assert mine in KernelLocks(SERVER).reserved()  # as another worker sees it
+    assert mine not in locks.reserved()
+    ready = multiprocessing.Event()
+    holder = multiprocessing.Process(target=_reserve_until_killed, args=(theirs, ready))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        assert theirs in locks.reserved()
+        os.kill(holder.pid, signal.SIGKILL)  # no clean-up runs: its file stays behind
+        holder.join(10)
+        assert theirs not in locks.reserved()
+        assert not [path for path in locks._directory.iterdir() if theirs in path.name]
+    finally:
+        holder.kill()

@@ -9,6 +9,11 @@ the order they asked; an `flock` on a file per kernel id (in a private directory
 between gunicorn workers (in no set order). Both are waited for with the caller's deadline (see
 `_FlockWaiter`). Where no private directory can be had, the lock is process-wide only, and a
 warning says so.
+
+The same directory holds files that their process keeps an `flock` on for as long as it lives
+(`create_held`; `take_if_abandoned` tells a dead process's): the reservations of kernel starts
+counted against JUPYTER_MAX_KERNELS (`KernelLocks.reserve`), and the lists of pooled kernels
+(`pool.PoolLedger`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5  # how often a cancellable wait asks whether it was cancelled
 FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers at most
 FORGOTTEN_SECONDS = 60.0  # and for how long
+RESERVED = "start-"  # the prefix of the files of `KernelLocks.reserve`
 
 
 class KernelLocks:
@@ -48,6 +54,7 @@ class KernelLocks:
         self._turns: dict[str, _Turns] = {}
         self._parked: dict[str, _FlockWaiter] = {}  # flock waits given up, to be taken over
         self._forgotten: OrderedDict[str, float] = OrderedDict()  # id: until when
+        self._reserved: set[str] = set()  # `reserve` without a private directory
         self._server_url = server_url
         self._directory = private_directory(server_url)
 
@@ -93,6 +100,48 @@ class KernelLocks:
                 yield acquired
         finally:
             self._pass_turn(kernel_id, turns)
+
+    @contextmanager
+    def reserve(self, name: str) -> Iterator[None]:
+        """Counts `name` (a kernel being started) in `reserved()`, in every process of this
+        host, until the block ends or this process dies."""
+        if self._directory is None:
+            with self._guard:
+                self._reserved.add(name)
+            try:
+                yield
+            finally:
+                with self._guard:
+                    self._reserved.discard(name)
+            return
+        try:
+            fd = create_held(self._directory, f"{RESERVED}{name}")
+        except FileNotFoundError:  # the directory was removed (a /tmp cleaner): make it again
+            self._directory = private_directory(self._server_url) or self._directory
+            fd = create_held(self._directory, f"{RESERVED}{name}")
+        try:
+            yield
+        finally:
+            (self._directory / f"{RESERVED}{name}").unlink(missing_ok=True)
+            os.close(fd)
+
+    def reserved(self) -> set[str]:
+        """The names living processes of this host reserve now (`reserve`); those of a dead
+        process are removed."""
+        if self._directory is None:
+            with self._guard:
+                return set(self._reserved)
+        names = set()
+        for path in self._directory.glob(f"{RESERVED}*"):
+            try:
+                with take_if_abandoned(path) as fd:
+                    if fd is None:
+                        names.add(path.name.removeprefix(RESERVED))
+                    else:
+                        path.unlink()
+            except FileNotFoundError:
+                continue  # its start ended meanwhile
+        return names
 
     def waiting(self, kernel_id: str) -> int:
         """How many callers of this process wait for the kernel (not counting its holder)."""

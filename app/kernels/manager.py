@@ -50,7 +50,7 @@ from app.logs import StructuredLogger
 from app.metrics import metrics
 
 
-START_LOCK = "kernel-starts"  # the lock name that serializes counted kernel starts
+START_LOCK = "kernel-starts"  # the lock name under which a counted start counts and reserves
 CONTROL_CONNECT_SECONDS = 2.0  # per connection attempt of an execution's REST questions
 
 
@@ -178,22 +178,28 @@ class KernelManager:
                 "execution_state": "idle", "last_activity": model.get("last_activity")}
 
     def _start_counted(self, name: str, deadline: float, kernel_id: str) -> dict[str, Any]:
-        """`POST /api/kernels`, refused once the server runs `max_kernels` (0: no limit).
+        """`POST /api/kernels`, refused once the server runs `max_kernels` (0: no limit),
+        counting the kernels this host's workers are starting.
 
-        With a limit, counting and starting hold one lock across this host's workers, so that
-        concurrent starts cannot both slip under it.
+        With a limit, a start counts and reserves its place under one lock across this host's
+        workers, so that concurrent starts cannot both slip under it; the starts themselves
+        then run side by side, each holding its reservation until the server has its kernel.
         """
         limit = self.settings.max_kernels
         if not limit:
             return self._post_start(name, kernel_id)
-        # Not limited as executions are: starts wait their turn, bounded by their deadline.
-        with self._locks.hold(START_LOCK, deadline, limited=False) as acquired:
-            if not acquired:
-                raise UpstreamTimeout("other kernel starts kept this one waiting too long")
-            if len(self.client.list_kernels()) >= limit:
-                raise TooManyKernels(f"the Jupyter server already runs {limit} kernels, as "
-                                     "many as JUPYTER_MAX_KERNELS allows; shut one down first",
-                                     max_kernels=limit)
+        with contextlib.ExitStack() as reservation:
+            # Not limited as executions are: starts wait their turn, bounded by their deadline.
+            with self._locks.hold(START_LOCK, deadline, limited=False) as acquired:
+                if not acquired:
+                    raise UpstreamTimeout("other kernel starts kept this one waiting too long")
+                starting = self._locks.reserved()  # first: a start that ends now is listed
+                running = {kernel["id"] for kernel in self.client.list_kernels()}
+                if len(running | starting) >= limit:
+                    raise TooManyKernels(f"the Jupyter server already runs (or is starting) "
+                                         f"{limit} kernels, as many as JUPYTER_MAX_KERNELS "
+                                         "allows; shut one down first", max_kernels=limit)
+                reservation.enter_context(self._locks.reserve(kernel_id))
             return self._post_start(name, kernel_id)
 
     def _post_start(self, name: str, kernel_id: str) -> dict[str, Any]:
