@@ -241,3 +241,24 @@ def test_a_reservation_counts_in_every_process_until_it_ends_or_its_process_dies
         assert not [path for path in locks._directory.iterdir() if theirs in path.name]
     finally:
         holder.kill()
+
+
+def test_the_lock_directory_is_kept_from_tmp_cleaners(tmp_path, monkeypatch):
+    """systemd-tmpfiles' age-based clean-up of /tmp (10 days on most systems) skips a
+    directory with an `flock` on it: the job store, a pool's list or a lock file not used for
+    days stay while the proxy runs."""
+    import subprocess
+    import tempfile
+
+    from app.kernels.locks import lock_directory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a /tmp of the test's own
+    KernelLocks("http://kept.test:8888")
+    directory = lock_directory("http://kept.test:8888")
+    idle = directory / "jobs.sqlite3"
+    idle.write_text("as old as can be")
+    os.utime(idle, (978307200, 978307200))  # 2001
+    config = tmp_path / "clean-tmp.conf"
+    config.write_text(f"e {tmp_path} - - - m:1d\n")  # "m": by modification time
+    subprocess.run(["systemd-tmpfiles", "--clean", str(config)], check=True)
+    assert idle.exists()

@@ -416,7 +416,33 @@ def private_directory(server_url: str) -> Path | None:
                 or info.st_mode & 0o077:
             raise PermissionError(f"{top} is not a private directory")
         path.mkdir(mode=0o700, exist_ok=True)
+        _keep(path)
     except OSError as err:
         log.warning("kernel locks are per process only: %s", err)
         return None
     return path
+
+
+_kept: dict[Path, int] = {}  # directory: a descriptor holding a shared flock on it
+_keeping = threading.Lock()
+
+
+def _keep(path: Path) -> None:
+    """Holds a shared `flock` on the directory for as long as this process lives: the age-based
+    clean-up of /tmp (systemd-tmpfiles) skips a locked directory, whose files (the job store, a
+    pool's list, a lock not taken for days) must not go while the proxy runs."""
+    with _keeping:
+        fd = _kept.get(path)
+        if fd is not None and os.fstat(fd).st_ino == path.stat().st_ino:
+            return
+        if fd is not None:
+            os.close(fd)  # the directory was removed and made again
+            del _kept[path]
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError as err:  # the locks work all the same
+            os.close(fd)
+            log.warning("a /tmp cleaner may remove the lock directory's files: %s", err)
+            return
+        _kept[path] = fd
