@@ -169,66 +169,133 @@ def test_counted_kernel_starts_queue_and_are_never_refused_as_busy(settings):
     assert len({kernel["id"] for kernel in started}) == 3
 
 
-def test_counted_starts_run_side_by_side_and_the_limit_still_holds():
-    """Two starts in flight at once (the server answers neither yet) fill a limit of two: a
-    third is refused at once; once they end, the server's listing counts their kernels."""
-    import json
-    import uuid
+class ScriptedStarts:
+    """A KernelManager with `max_kernels` on a `responses` server whose kernel starts wait for
+    `answer` (set by default), and which lists `listed` (a function: the kernel ids)."""
 
+    def __init__(self, upstream, max_kernels: int) -> None:
+        import json
+
+        from app import Settings
+
+        self.base = f"http://limits.test:{free_port()}"  # a lock directory of its own
+        settings = Settings(server_url=self.base, token="t0ken-0123456789",
+                            max_kernels=max_kernels)
+        self.manager = KernelManager(JupyterClient(settings))
+        self.manager._orphans.close = lambda: None  # nothing to shut down on a scripted server
+        self.arrived: list[str] = []
+        self.answer = threading.Event()
+        self.answer.set()
+        self.listed = lambda: []
+
+        def start(request):
+            kernel_id = json.loads(request.body)["kernel_id"]
+            self.arrived.append(kernel_id)
+            self.answer.wait(10)
+            return 201, {}, json.dumps({"id": kernel_id, "name": "python3"})
+
+        def listing(request):
+            return 200, {}, json.dumps([{"id": kernel_id} for kernel_id in self.listed()])
+
+        upstream.get(f"{self.base}/api/kernelspecs",
+                     json={"default": "python3", "kernelspecs": {"python3": {}}})
+        upstream.add_callback("GET", f"{self.base}/api/kernels", callback=listing)
+        upstream.add_callback("POST", f"{self.base}/api/kernels", callback=start)
+
+    def start(self) -> dict:
+        import uuid
+
+        return self.manager._start_counted("python3", time.monotonic() + 10, str(uuid.uuid4()))
+
+
+@pytest.fixture
+def scripted_starts():
     import responses
 
-    from app import Settings
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream:
+        starts = ScriptedStarts(upstream, max_kernels=2)
+        with starts.manager:
+            yield starts
+
+
+def test_counted_starts_run_side_by_side_and_the_limit_still_holds(scripted_starts):
+    """Two starts in flight at once (the server answers neither yet) fill a limit of two: a
+    third is refused at once; once they end, the server's listing counts their kernels."""
     from app.kernels import TooManyKernels
 
-    base = f"http://limits.test:{free_port()}"  # a lock directory of its own
-    settings = Settings(server_url=base, token="t0ken-0123456789", max_kernels=2)
-    arrived: list[str] = []
-    answer = threading.Event()
-
-    def start(request):
-        kernel_id = json.loads(request.body)["kernel_id"]
-        arrived.append(kernel_id)
-        answer.wait(10)
-        return 201, {}, json.dumps({"id": kernel_id, "name": "python3"})
-
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream, \
-            KernelManager(JupyterClient(settings)) as manager:
-        upstream.get(f"{base}/api/kernelspecs",
-                     json={"default": "python3", "kernelspecs": {"python3": {}}})
-        upstream.get(f"{base}/api/kernels", json=[])
-        upstream.add_callback("POST", f"{base}/api/kernels", callback=start)
-
-        def counted_start() -> dict:
-            return manager._start_counted("python3", time.monotonic() + 10, str(uuid.uuid4()))
-
-        with ThreadPoolExecutor(2) as pool:
-            starts = [pool.submit(counted_start) for _ in range(2)]
-            deadline = time.monotonic() + 5
-            while len(arrived) < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert len(arrived) == 2  # both reached the server: neither waited for the other
-            with pytest.raises(TooManyKernels):
-                counted_start()  # the server lists none yet: the two in flight count
-            answer.set()
-            started = {start.result()["id"] for start in starts}
-        assert started == set(arrived)
-        upstream.replace("GET", f"{base}/api/kernels",
-                         json=[{"id": kernel_id} for kernel_id in started])
+    starts = scripted_starts
+    starts.answer.clear()
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(starts.start) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while len(starts.arrived) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(starts.arrived) == 2  # both reached the server: neither waited for the other
         with pytest.raises(TooManyKernels):
-            counted_start()  # now the server lists them (and nothing is counted twice)
-        upstream.replace("GET", f"{base}/api/kernels", json=[{"id": arrived[0]}])
-        assert counted_start()["id"] not in started
-        manager._orphans.close = lambda: None  # nothing to shut down on a scripted server
+            starts.start()  # the server lists none yet: the two in flight count
+        starts.answer.set()
+        started = {start.result()["id"] for start in in_flight}
+    assert started == set(starts.arrived)
+    starts.listed = lambda: started
+    with pytest.raises(TooManyKernels):
+        starts.start()  # now the server lists them (and nothing is counted twice)
+    starts.listed = lambda: starts.arrived[:1]
+    assert starts.start()["id"] not in started
+
+
+def test_a_start_that_ends_while_another_counts_is_counted_once(scripted_starts):
+    """The reservations are read before the server's listing: a start that ends in between
+    is in the listing. (Read the other way round, it would be in neither.)"""
+    from app.kernels import TooManyKernels
+
+    starts = scripted_starts
+    starts.manager.settings = starts.manager.client.settings = \
+        starts.manager.settings.replace(max_kernels=1)
+    starts.answer.clear()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(starts.start)
+        deadline = time.monotonic() + 5
+        while not starts.arrived and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        def listing_as_the_first_ends() -> list[str]:
+            listed = []  # what the server runs as the listing is read: not the first yet
+            starts.answer.set()
+            first.result(10)  # it ends, and lets go of its reservation
+            return listed
+
+        starts.listed = listing_as_the_first_ends
+        with pytest.raises(TooManyKernels):
+            starts.start()
+
+
+def test_a_start_that_cannot_reserve_its_place_runs_alone(scripted_starts, monkeypatch):
+    from app.kernels import locks
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(locks, "create_held", no_space)
+    assert scripted_starts.start()["id"] == scripted_starts.arrived[-1]
 
 
 def test_concurrent_starts_through_the_proxy_stop_exactly_at_the_limit(start_proxy,
                                                                         jupyter_server):
     headers = {"Authorization": f"token {jupyter_server.token}"}
-    running = len(requests.get(f"{jupyter_server.url}/api/kernels", headers=headers,
-                               timeout=10).json())
+
+    def running() -> int:
+        return len(requests.get(f"{jupyter_server.url}/api/kernels", headers=headers,
+                                timeout=10).json())
+
+    before, deadline = running(), time.monotonic() + 30
+    while time.monotonic() < deadline:  # earlier tests' kernels may still be going away
+        time.sleep(1)
+        if running() == before:
+            break
+        before = running()
     proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "2",
                         env={"JUPYTER_TOKEN": jupyter_server.token,
-                             "JUPYTER_MAX_KERNELS": str(running + 2)})
+                             "JUPYTER_MAX_KERNELS": str(before + 2)})
     with ThreadPoolExecutor(5) as pool:
         answers = list(pool.map(lambda _: requests.post(
             f"{proxy.url}/start_kernel", headers={"Connection": "close"}, timeout=120),

@@ -250,11 +250,14 @@ def test_the_lock_directory_is_kept_from_tmp_cleaners(tmp_path, monkeypatch):
     import subprocess
     import tempfile
 
-    from app.kernels.locks import lock_directory
+    from app.kernels import locks
 
+    if shutil.which("systemd-tmpfiles") is None:
+        pytest.skip("systemd-tmpfiles is not installed")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a /tmp of the test's own
     KernelLocks("http://kept.test:8888")
-    directory = lock_directory("http://kept.test:8888")
+    directory = locks.lock_directory("http://kept.test:8888")
+    monkeypatch.delitem(locks._kept, directory)  # (the test's process lets go after it)
     idle = directory / "jobs.sqlite3"
     idle.write_text("as old as can be")
     os.utime(idle, (978307200, 978307200))  # 2001
@@ -262,3 +265,37 @@ def test_the_lock_directory_is_kept_from_tmp_cleaners(tmp_path, monkeypatch):
     config.write_text(f"e {tmp_path} - - - m:1d\n")  # "m": by modification time
     subprocess.run(["systemd-tmpfiles", "--clean", str(config)], check=True)
     assert idle.exists()
+
+
+FORK_WHILE_HOLDING = """
+import os, sys, time
+from app import JupyterClient, KernelManager, Settings
+manager = KernelManager(JupyterClient(Settings(server_url=sys.argv[1], token="t0ken-01234567")))
+with manager._locks.hold("kernel-starts", time.monotonic() + 5) as held:
+    assert held
+    child = os.fork()  # as gunicorn --preload forks a worker while the master's pool starts
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_lock_its_parent_lets_go_of():
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = "http://forked.test:8888"
+    parent = subprocess.Popen([sys.executable, "-c", FORK_WHILE_HOLDING, server],
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent)
+    child = int(parent.stdout.readline())  # printed after the parent let go
+    try:
+        with KernelLocks(server).hold("kernel-starts", time.monotonic() + 2) as acquired:
+            assert acquired
+    finally:
+        parent.kill()
+        os.kill(child, signal.SIGKILL)

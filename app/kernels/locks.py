@@ -55,6 +55,7 @@ class KernelLocks:
         self._parked: dict[str, _FlockWaiter] = {}  # flock waits given up, to be taken over
         self._forgotten: OrderedDict[str, float] = OrderedDict()  # id: until when
         self._reserved: set[str] = set()  # `reserve` without a private directory
+        self._descriptors: set[int] = set()  # of lock files, open now (see `forget_inherited`)
         self._server_url = server_url
         self._directory = private_directory(server_url)
 
@@ -119,11 +120,14 @@ class KernelLocks:
         except FileNotFoundError:  # the directory was removed (a /tmp cleaner): make it again
             self._directory = private_directory(self._server_url) or self._directory
             fd = create_held(self._directory, f"{RESERVED}{name}")
+        self._opened(fd)
         try:
             yield
         finally:
-            (self._directory / f"{RESERVED}{name}").unlink(missing_ok=True)
-            os.close(fd)
+            try:
+                (self._directory / f"{RESERVED}{name}").unlink(missing_ok=True)
+            finally:
+                self._close(fd)
 
     def reserved(self) -> set[str]:
         """The names living processes of this host reserve now (`reserve`); those of a dead
@@ -141,7 +145,29 @@ class KernelLocks:
                         path.unlink()
             except FileNotFoundError:
                 continue  # its start ended meanwhile
+            except OSError:  # cannot tell (out of descriptors): counted, to be safe
+                names.add(path.name.removeprefix(RESERVED))
         return names
+
+    def forget_inherited(self) -> None:
+        """In a forked child: closes the descriptors of lock files inherited from the parent.
+        An `flock` belongs to the open file, so the child's copies would otherwise keep a lock
+        the parent holds (a kernel's, or the one of counted starts) held after the parent lets
+        go, for as long as the child lives. (No lock is taken: the child has one thread.)"""
+        for fd in list(self._descriptors):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._descriptors.clear()
+
+    def _opened(self, fd: int) -> int:
+        with self._guard:
+            self._descriptors.add(fd)
+        return fd
+
+    def _close(self, fd: int) -> None:
+        with self._guard:
+            self._descriptors.discard(fd)
+        os.close(fd)
 
     def waiting(self, kernel_id: str) -> int:
         """How many callers of this process wait for the kernel (not counting its holder)."""
@@ -234,16 +260,17 @@ class KernelLocks:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                waiter = _FlockWaiter(fd, on_done=lambda w: self._unpark(kernel_id, w))
+                waiter = _FlockWaiter(fd, on_done=lambda w: self._unpark(kernel_id, w),
+                                      close=self._close)
             except OSError:
-                os.close(fd)
+                self._close(fd)
                 raise
         if waiter is not None:
             try:
                 taken = _wait(waiter.taken, deadline, cancelled)
             except BaseException:  # `cancelled` failed
                 if waiter.give_up():
-                    os.close(waiter.fd)  # it got the lock after all: let go of it
+                    self._close(waiter.fd)  # it got the lock after all: let go of it
                 else:
                     self._park(kernel_id, waiter)
                 raise
@@ -260,15 +287,15 @@ class KernelLocks:
             os.pwrite(fd, f"{os.getpid():<15}\n".encode(), 0)  # see last_user()
             yield True
         finally:
-            os.close(fd)  # closing the descriptor releases the flock
+            self._close(fd)  # closing the descriptor releases the flock
 
     def _open(self, kernel_id: str) -> int:
         path = self._directory / f"{kernel_id}.lock"
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            return self._opened(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         except FileNotFoundError:  # the directory was removed (a /tmp cleaner): make it again
             self._directory = private_directory(self._server_url) or self._directory
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            return self._opened(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
 
     def _park(self, kernel_id: str, waiter: _FlockWaiter) -> None:
         """Leaves a given-up flock wait for the kernel's next caller to take over."""
@@ -309,10 +336,12 @@ class _FlockWaiter:
     the descriptor) as soon as it gets it.
     """
 
-    def __init__(self, fd: int, on_done: Callable[[_FlockWaiter], None]) -> None:
+    def __init__(self, fd: int, on_done: Callable[[_FlockWaiter], None],
+                 close: Callable[[int], None] = os.close) -> None:
         self.fd = fd
         self.taken = threading.Event()
         self._on_done = on_done
+        self._close = close
         self._state = threading.Lock()
         self._wanted = True
         self._closed = False
@@ -325,7 +354,7 @@ class _FlockWaiter:
             self.taken.set()
             if self._wanted:
                 return
-            os.close(self.fd)
+            self._close(self.fd)
             self._closed = True
         self._on_done(self)
 
@@ -432,17 +461,19 @@ def _keep(path: Path) -> None:
     clean-up of /tmp (systemd-tmpfiles) skips a locked directory, whose files (the job store, a
     pool's list, a lock not taken for days) must not go while the proxy runs."""
     with _keeping:
-        fd = _kept.get(path)
-        if fd is not None and os.fstat(fd).st_ino == path.stat().st_ino:
-            return
-        if fd is not None:
-            os.close(fd)  # the directory was removed and made again
-            del _kept[path]
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            fd = _kept.get(path)
+            if fd is not None:
+                held, now = os.fstat(fd), path.stat()
+                if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                    return
+                os.close(_kept.pop(path))  # the directory was removed and made again
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError:
+                os.close(fd)
+                raise
+            _kept[path] = fd
         except OSError as err:  # the locks work all the same
-            os.close(fd)
             log.warning("a /tmp cleaner may remove the lock directory's files: %s", err)
-            return
-        _kept[path] = fd

@@ -199,7 +199,12 @@ class KernelManager:
                     raise TooManyKernels(f"the Jupyter server already runs (or is starting) "
                                          f"{limit} kernels, as many as JUPYTER_MAX_KERNELS "
                                          "allows; shut one down first", max_kernels=limit)
-                reservation.enter_context(self._locks.reserve(kernel_id))
+                try:
+                    reservation.enter_context(self._locks.reserve(kernel_id))
+                except OSError as err:  # counted all the same: the start holds the lock
+                    self.logger.warning("a kernel start could not reserve its place; it runs "
+                                        "alone", reason=str(err))
+                    return self._post_start(name, kernel_id)
             return self._post_start(name, kernel_id)
 
     def _post_start(self, name: str, kernel_id: str) -> dict[str, Any]:
@@ -531,6 +536,7 @@ def _after_fork(manager_ref: weakref.ref) -> None:
     if manager is not None:
         if manager._pool is not None:
             manager._pool.forget_inherited()
+        manager._locks.forget_inherited()
         manager.client.reset_connections()
         manager._set_up_process_state()
 
