@@ -221,6 +221,44 @@ def proxy_kernel(proxy: ProxyProcess) -> Iterator[str]:
     requests.post(f"{proxy.url}/shutdown_kernel", json={"id": kernel_id}, timeout=60)
 
 
+FORKING_MANAGER = """
+import os, sys, time
+from app import JupyterClient, KernelManager, Settings
+settings = Settings(server_url=sys.argv[1], token="t0ken-0123456789")
+manager = KernelManager(JupyterClient(settings), pool_size=1)
+
+
+def fork():  # as gunicorn --preload forks its workers from a master that built the app
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+
+
+exec(sys.argv[2])
+time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def forked_manager(server_url: str, code: str, *args: str) -> Iterator[subprocess.Popen]:
+    """A process with a KernelManager (a pool of one, never filled) for `server_url` that runs
+    `code` (`manager`, `fork()` and `sys.argv[3:]` = `args` in scope) and then sleeps; `code`
+    must call `fork()`, which forks a child that sleeps too. Yields the process once the child
+    runs, with `.child` its pid; both are killed after the block."""
+    process = subprocess.Popen([sys.executable, "-c", FORKING_MANAGER, server_url, code, *args],
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        process.child = int(process.stdout.readline())
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+        with contextlib.suppress(AttributeError, ProcessLookupError):
+            os.kill(process.child, signal.SIGKILL)
+
+
 # -- fake upstreams -------------------------------------------------------------------------
 
 @pytest.fixture

@@ -267,35 +267,12 @@ def test_the_lock_directory_is_kept_from_tmp_cleaners(tmp_path, monkeypatch):
     assert idle.exists()
 
 
-FORK_WHILE_HOLDING = """
-import os, sys, time
-from app import JupyterClient, KernelManager, Settings
-manager = KernelManager(JupyterClient(Settings(server_url=sys.argv[1], token="t0ken-01234567")))
-with manager._locks.hold("kernel-starts", time.monotonic() + 5) as held:
-    assert held
-    child = os.fork()  # as gunicorn --preload forks a worker while the master's pool starts
-    if child == 0:
-        time.sleep(60)
-        os._exit(0)
-print(child, flush=True)
-time.sleep(60)
-"""
-
-
 def test_a_forked_child_does_not_keep_a_lock_its_parent_lets_go_of():
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import forked_manager
 
     server = "http://forked.test:8888"
-    parent = subprocess.Popen([sys.executable, "-c", FORK_WHILE_HOLDING, server],
-                              stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parent.parent)
-    child = int(parent.stdout.readline())  # printed after the parent let go
-    try:
+    holding = ("with manager._locks.hold('kernel-starts', time.monotonic() + 5) as held:\n"
+               "    fork()  # a worker forked while the master's pool counts a start")
+    with forked_manager(server, holding):
         with KernelLocks(server).hold("kernel-starts", time.monotonic() + 2) as acquired:
-            assert acquired
-    finally:
-        parent.kill()
-        os.kill(child, signal.SIGKILL)
+            assert acquired  # the parent let go; the child's copy of the file holds nothing

@@ -202,39 +202,19 @@ def test_a_ledger_stays_listed_after_a_tmp_cleaner_removed_it(tmp_path):
     pool.close()
 
 
-FORKING_OWNER = """
-import os, sys, time
-from app import JupyterClient, KernelManager, Settings
-settings = Settings(server_url=sys.argv[1], token="t0ken-0123456789")
-manager = KernelManager(JupyterClient(settings), pool_size=1)
-manager._pool._ledger.record([sys.argv[2]])
-child = os.fork()  # as gunicorn --preload forks its workers
-if child == 0:
-    time.sleep(60)
-    os._exit(0)
-print(child, flush=True)
-time.sleep(60)
-"""
-
-
 def test_a_forked_child_does_not_keep_its_parents_pool_list_locked():
     from app.embedded import free_port
     from app.kernels.locks import lock_directory
+    from tests.conftest import forked_manager
 
     url, kernel_id = f"http://fork.test:{free_port()}", str(uuid.uuid4())
-    parent = subprocess.Popen([sys.executable, "-c", FORKING_OWNER, url, kernel_id],
-                              stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parent.parent)
-    child = int(parent.stdout.readline())
-    try:
+    with forked_manager(url, "manager._pool._ledger.record(sys.argv[3:]); fork()",
+                        kernel_id) as parent:
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        server = FakeServer()
+        server = FakeServer()  # the child lives on
         assert PoolLedger(lock_directory(url)).reap(server.shutdown) == [kernel_id]
         assert server.shut_down == [kernel_id]
-    finally:
-        parent.kill()
-        os.kill(child, signal.SIGKILL)
 
 
 # -- with a real Jupyter server ---------------------------------------------------------------
