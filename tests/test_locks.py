@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.kernels.errors import KernelNotFound
-from app.kernels.locks import KernelLocks
+from app.kernels.locks import START_LOCK, KernelLocks
 
 SERVER = "http://127.0.0.1:1"
 
@@ -156,6 +156,34 @@ def test_a_removed_lock_directory_is_made_again(tmp_path, monkeypatch):
     assert locks.last_user("k8") == os.getpid()
 
 
+def test_a_waiter_for_the_starts_lock_takes_its_new_file_after_the_directory_went(
+        tmp_path, monkeypatch):
+    """The directory is removed (and made again by another worker) while a counted start
+    waits: the start then takes the lock of the new file; it is no forgotten kernel."""
+    from app.kernels.locks import private_directory
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    holder, waiter = KernelLocks(SERVER), KernelLocks(SERVER)  # two workers
+    outcome: list = []
+
+    def wait_for_the_lock() -> None:
+        try:
+            with waiter.hold(START_LOCK, time.monotonic() + 10) as acquired:
+                outcome.append(acquired)
+        except Exception as err:  # noqa: BLE001 - the test reports it
+            outcome.append(err)
+
+    with holder.hold(START_LOCK, time.monotonic() + 5) as acquired:
+        assert acquired
+        thread = threading.Thread(target=wait_for_the_lock)
+        thread.start()
+        time.sleep(0.3)
+        shutil.rmtree(tmp_path / f"jupyter-kernel-proxy-{os.getuid()}")  # a /tmp cleaner
+        private_directory(SERVER)  # made again (by another worker's lock)
+    thread.join(10)
+    assert outcome == [True]
+
+
 def _hold_then_forget(kernel_id: str, ready, go) -> None:
     locks = KernelLocks(SERVER)
     with locks.hold(kernel_id, time.monotonic() + 5) as acquired:
@@ -274,5 +302,5 @@ def test_a_forked_child_does_not_keep_a_lock_its_parent_lets_go_of():
     holding = ("with manager._locks.hold('kernel-starts', time.monotonic() + 5) as held:\n"
                "    fork()  # a worker forked while the master's pool counts a start")
     with forked_manager(server, holding):
-        with KernelLocks(server).hold("kernel-starts", time.monotonic() + 2) as acquired:
+        with KernelLocks(server).hold(START_LOCK, time.monotonic() + 2) as acquired:
             assert acquired  # the parent let go; the child's copy of the file holds nothing

@@ -39,6 +39,7 @@ POLL_SECONDS = 0.5  # how often a cancellable wait asks whether it was cancelled
 FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers at most
 FORGOTTEN_SECONDS = 60.0  # and for how long
 RESERVED = "start-"  # the prefix of the files of `KernelLocks.reserve`
+START_LOCK = "kernel-starts"  # the lock under which a counted start counts and reserves
 
 
 class KernelLocks:
@@ -279,6 +280,13 @@ class KernelLocks:
                 yield False
                 return
             fd = waiter.fd
+        if os.fstat(fd).st_nlink == 0 and self._directory.is_dir() and kernel_id == START_LOCK:
+            # The lock of counted starts, whose file went with its directory, made again
+            # since: the lock is the new file's. (No kernel is forgotten.)
+            self._close(fd)
+            with self._file_lock(kernel_id, deadline, cancelled) as acquired:
+                yield acquired
+            return
         try:
             if os.fstat(fd).st_nlink == 0 and self._directory.is_dir():
                 # forget() ran, in another worker, while this waited (and not a /tmp cleaner)

@@ -23,7 +23,7 @@ from app.kernels import protocol
 from app.kernels.channel import KernelChannel
 from app.kernels.client import START_REQUEST, JupyterClient
 from app.kernels.connections import ChannelCache
-from app.kernels.locks import KernelLocks, private_directory
+from app.kernels.locks import START_LOCK, KernelLocks, private_directory
 from app.kernels.orphans import OrphanReaper
 from app.kernels.pool import KernelPool, PoolLedger
 from app.kernels.errors import (
@@ -50,7 +50,6 @@ from app.logs import StructuredLogger
 from app.metrics import metrics
 
 
-START_LOCK = "kernel-starts"  # the lock name under which a counted start counts and reserves
 CONTROL_CONNECT_SECONDS = 2.0  # per connection attempt of an execution's REST questions
 
 
