@@ -116,12 +116,8 @@ class KernelLocks:
                 with self._guard:
                     self._reserved.discard(name)
             return
-        try:
-            fd = create_held(self._directory, f"{RESERVED}{name}")
-        except FileNotFoundError:  # the directory was removed (a /tmp cleaner): make it again
-            self._directory = private_directory(self._server_url) or self._directory
-            fd = create_held(self._directory, f"{RESERVED}{name}")
-        self._opened(fd)
+        fd = self._opened(self._in_directory(
+            lambda directory: create_held(directory, f"{RESERVED}{name}")))
         try:
             yield
         finally:
@@ -169,6 +165,11 @@ class KernelLocks:
         with self._guard:
             self._descriptors.discard(fd)
         os.close(fd)
+
+    @property
+    def directory(self) -> Path | None:
+        """The private directory of the lock files (None: the locks are per process)."""
+        return self._directory
 
     def waiting(self, kernel_id: str) -> int:
         """How many callers of this process wait for the kernel (not counting its holder)."""
@@ -298,12 +299,16 @@ class KernelLocks:
             self._close(fd)  # closing the descriptor releases the flock
 
     def _open(self, kernel_id: str) -> int:
-        path = self._directory / f"{kernel_id}.lock"
+        return self._opened(self._in_directory(lambda directory: os.open(
+            directory / f"{kernel_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)))
+
+    def _in_directory(self, make: Callable[[Path], int]) -> int:
+        """`make(directory)`, made again in a new directory if a /tmp cleaner removed it."""
         try:
-            return self._opened(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        except FileNotFoundError:  # the directory was removed (a /tmp cleaner): make it again
+            return make(self._directory)
+        except FileNotFoundError:
             self._directory = private_directory(self._server_url) or self._directory
-            return self._opened(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            return make(self._directory)
 
     def _park(self, kernel_id: str, waiter: _FlockWaiter) -> None:
         """Leaves a given-up flock wait for the kernel's next caller to take over."""

@@ -23,7 +23,7 @@ from app.kernels import protocol
 from app.kernels.channel import KernelChannel
 from app.kernels.client import START_REQUEST, JupyterClient
 from app.kernels.connections import ChannelCache
-from app.kernels.locks import START_LOCK, KernelLocks, private_directory
+from app.kernels.locks import START_LOCK, KernelLocks
 from app.kernels.orphans import OrphanReaper
 from app.kernels.pool import KernelPool, PoolLedger
 from app.kernels.errors import (
@@ -113,7 +113,7 @@ class KernelManager:
                                 start=lambda kernel_id: self._start_new(
                                     self.settings.kernel_name, warm=True, kernel_id=kernel_id),
                                 alive=self._is_alive, shutdown=self._shutdown_quietly,
-                                ledger=PoolLedger(private_directory(self.client.base_url))) \
+                                ledger=PoolLedger(self._locks.directory)) \
             if self._pool_size > 0 else None
 
     def _used_by_another_process(self, kernel_id: str) -> bool:
