@@ -204,6 +204,9 @@ class ProxyProcess:
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
         env["JUPYTER_TOKEN"] = server.token
+        # Its temporary files (the lock directory for this server) stay with its log.
+        env["TMPDIR"] = str(log_path.parent / "tmp")
+        os.makedirs(env["TMPDIR"], exist_ok=True)
         command = [proxy_command(), "--server-url", server.url, "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(workers),
                    "--pool-size", str(pool_size),

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,19 @@ from app.kernels import KernelNotFound
 from tests.gateway import EnterpriseGatewayServer, KernelGatewayServer
 
 REPO = Path(__file__).resolve().parent.parent
+
+# What the tests and the processes they start write to temporary files (proxy logs, the lock
+# directories of servers on random ports, embedded servers' files, pytest's tmp_path) goes to
+# one directory of this run, removed at the end of a run that passed (a failed run's stays, for
+# its logs). Set before anything asks `tempfile` for its directory.
+TEST_TMPDIR = Path(tempfile.mkdtemp(prefix="jupyter-kernel-proxy-tests-"))
+os.environ["TMPDIR"] = str(TEST_TMPDIR)
+tempfile.tempdir = None  # asked anew: TMPDIR
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if exitstatus == 0:
+        shutil.rmtree(TEST_TMPDIR, ignore_errors=True)
 
 
 UPSTREAMS = {"jupyter_server": EmbeddedJupyterServer, "kernel_gateway": KernelGatewayServer,
@@ -149,7 +163,7 @@ class ProxyProcess:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"proxy-{self.port}.log"
+        self.log_path = Path(tempfile.gettempdir()) / f"proxy-{self.port}.log"
         self.log = open(self.log_path, "wb")
         command = shutil.which("jupyter-kernel-proxy") or \
             str(Path(sys.executable).parent / "jupyter-kernel-proxy")
