@@ -304,3 +304,83 @@ def test_a_forked_child_does_not_keep_a_lock_its_parent_lets_go_of():
     with forked_manager(server, holding):
         with KernelLocks(server).hold(START_LOCK, time.monotonic() + 2) as acquired:
             assert acquired  # the parent let go; the child's copy of the file holds nothing
+
+
+def _lock_file(kernel_id: str):
+    from app.kernels.locks import lock_directory
+
+    return lock_directory(SERVER) / f"{kernel_id}.lock"
+
+
+def _age(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_lock_files_no_one_took_for_an_hour_are_removed_and_made_again_when_needed():
+    """Kernels shut down by other clients of the server, or culled by it, leave their lock
+    files: a worker removes those not taken for STALE_SECONDS (and keeps held and recent ones).
+    """
+    from app.kernels.locks import STALE_SECONDS
+
+    locks = KernelLocks(SERVER)
+    for kernel_id in ("culled", "recent"):
+        with locks.hold(kernel_id, time.monotonic() + 5):
+            pass
+    _age(_lock_file("culled"), STALE_SECONDS + 60)
+    with locks.hold("running-for-hours", time.monotonic() + 5) as acquired:
+        assert acquired
+        _age(_lock_file("running-for-hours"), STALE_SECONDS + 60)
+        assert locks.sweep() == 1
+        assert not _lock_file("culled").exists()
+        assert _lock_file("recent").exists() and _lock_file("running-for-hours").exists()
+    with locks.hold("culled", time.monotonic() + 5) as acquired:  # used again after all
+        assert acquired
+        assert locks.last_user("culled") == os.getpid()
+
+
+def test_each_worker_sweeps_stale_lock_files_when_it_first_takes_a_lock():
+    from app.kernels.locks import STALE_SECONDS
+
+    with KernelLocks(SERVER).hold("culled-2", time.monotonic() + 5):
+        pass
+    _age(_lock_file("culled-2"), STALE_SECONDS + 60)
+    with KernelLocks(SERVER).hold("k12", time.monotonic() + 5):  # a new worker's first call
+        pass
+    deadline = time.monotonic() + 10
+    while _lock_file("culled-2").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _lock_file("culled-2").exists()
+
+
+def test_a_caller_waiting_on_a_lock_file_that_is_removed_takes_the_new_one():
+    """A lock file removed while callers wait on it (a /tmp cleaner): the kernel is not gone
+    (forget() would have said so in the file), and the lock is the new file's."""
+    import fcntl
+
+    locks = KernelLocks(SERVER)
+    outcome: list = []
+
+    def wait_for_it() -> None:
+        try:
+            with locks.hold("k13", time.monotonic() + 10) as acquired:
+                outcome.append(acquired)
+                probe = os.open(_lock_file("k13"), os.O_RDONLY)
+                try:  # another worker opening the file now finds it held
+                    with pytest.raises(BlockingIOError):
+                        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    outcome.append("held")
+                finally:
+                    os.close(probe)
+        except Exception as err:  # noqa: BLE001 - the test reports it
+            outcome.append(err)
+
+    with held_elsewhere("k13", 2.0):
+        before = _lock_waiters()
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        while _lock_waiters() == before:  # it waits on the lock file
+            time.sleep(0.01)
+        _lock_file("k13").unlink()  # a /tmp cleaner
+        waiter.join(10)
+    assert outcome == [True, "held"]

@@ -8,7 +8,8 @@ Lock story: a queue per kernel id hands the kernel from thread to thread within 
 the order they asked; an `flock` on a file per kernel id (in a private directory) hands it
 between gunicorn workers (in no set order). Both are waited for with the caller's deadline (see
 `_FlockWaiter`). Where no private directory can be had, the lock is process-wide only, and a
-warning says so.
+warning says so. A kernel's lock file is removed when the kernel is gone (`forget`), or once no
+process took it for a while (`sweep`); a caller that waited on a removed file takes the new one.
 
 The same directory holds files that their process keeps an `flock` on for as long as it lives
 (`create_held`; `take_if_abandoned` tells a dead process's): the reservations of kernel starts
@@ -40,6 +41,9 @@ FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers at 
 FORGOTTEN_SECONDS = 60.0  # and for how long
 RESERVED = "start-"  # the prefix of the files of `KernelLocks.reserve`
 START_LOCK = "kernel-starts"  # the lock under which a counted start counts and reserves
+GONE = b"gone"  # what `forget` writes into a kernel's lock file before removing it
+STALE_SECONDS = 3600.0  # a lock file no process has taken for this long is removed (`sweep`)
+SWEEP_SECONDS = 600.0  # how often a process looks for such files
 
 
 class KernelLocks:
@@ -59,6 +63,7 @@ class KernelLocks:
         self._descriptors: set[int] = set()  # of lock files, open now (see `forget_inherited`)
         self._server_url = server_url
         self._directory = private_directory(server_url)
+        self._next_sweep = 0.0  # (monotonic) when `hold` next starts a `sweep`
 
     @contextmanager
     def hold(self, kernel_id: str, deadline: float,
@@ -72,6 +77,8 @@ class KernelLocks:
         `KernelBusy` at once if `max_waiting` callers already wait for this kernel;
         callers that are not `limited` (jobs, bounded by their own limit) are not counted.
         """
+        if self._next_sweep <= time.monotonic():
+            self._start_sweep()
         with self._guard:
             turns = self._turns.get(kernel_id)
             if turns is None:  # (not setdefault: no object made per call on the hot path)
@@ -189,11 +196,64 @@ class KernelLocks:
 
     def forget(self, kernel_id: str) -> None:
         """For a kernel that is gone (shut down, or unknown): callers waiting for it, in any
-        worker (its lock file is removed), and later ones in this process get
+        worker (its lock file says so, and is removed), and later ones in this process get
         `KernelNotFound` when their turn comes."""
         self._remember_forgotten(kernel_id)
         if self._directory is not None:
-            (self._directory / f"{kernel_id}.lock").unlink(missing_ok=True)
+            path = self._directory / f"{kernel_id}.lock"
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                try:
+                    os.pwrite(fd, GONE.ljust(15) + b"\n", 0)
+                finally:
+                    os.close(fd)
+            path.unlink(missing_ok=True)
+
+    def sweep(self, older_than: float | None = None) -> int:
+        """Removes the lock files that no process has taken for `older_than` seconds (default
+        `STALE_SECONDS`; kernels shut down by other clients of the server, or culled by it,
+        leave theirs); returns how many. A caller that was about to take one takes a new file
+        instead (`_file_lock`)."""
+        if self._directory is None:
+            return 0
+        cutoff = time.time() - (STALE_SECONDS if older_than is None else older_than)
+        removed = 0
+        for path in self._directory.glob("*.lock"):
+            try:
+                if path.lstat().st_mtime >= cutoff:
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held, now = os.fstat(fd), path.lstat()
+                    if held.st_mtime < cutoff and (held.st_dev, held.st_ino) == \
+                            (now.st_dev, now.st_ino):
+                        path.unlink()
+                        removed += 1
+                finally:
+                    os.close(fd)
+            except (BlockingIOError, FileNotFoundError):
+                continue  # taken, or gone meanwhile
+        return removed
+
+    def _start_sweep(self) -> None:
+        """Sweeps in a thread of its own, every `SWEEP_SECONDS` at most."""
+        with self._guard:
+            if self._next_sweep > time.monotonic():
+                return  # another thread just started one
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
+
+        def sweep() -> None:
+            try:
+                removed = self.sweep()
+            except OSError as err:
+                log.warning("could not remove stale kernel lock files: %s", err)
+                return
+            if removed:
+                log.info("removed %d lock files of kernels not used for %g s", removed,
+                         STALE_SECONDS)
+
+        threading.Thread(target=sweep, daemon=True, name="kernel-lock-sweep").start()
 
     def _remember_forgotten(self, kernel_id: str) -> None:
         with self._guard:
@@ -281,18 +341,20 @@ class KernelLocks:
                 yield False
                 return
             fd = waiter.fd
-        if os.fstat(fd).st_nlink == 0 and self._directory.is_dir() and kernel_id == START_LOCK:
-            # The lock of counted starts, whose file went with its directory, made again
-            # since: the lock is the new file's. (No kernel is forgotten.)
-            self._close(fd)
+        if os.fstat(fd).st_nlink == 0:
+            # The file was removed while this waited: by forget(), in another worker (it wrote
+            # so in the file), or by a sweep or a /tmp cleaner: the lock is the new file's.
+            try:
+                gone = os.pread(fd, len(GONE), 0) == GONE
+            finally:
+                self._close(fd)
+            if gone:
+                self._remember_forgotten(kernel_id)
+                raise KernelNotFound(kernel_id)
             with self._file_lock(kernel_id, deadline, cancelled) as acquired:
                 yield acquired
             return
         try:
-            if os.fstat(fd).st_nlink == 0 and self._directory.is_dir():
-                # forget() ran, in another worker, while this waited (and not a /tmp cleaner)
-                self._remember_forgotten(kernel_id)
-                raise KernelNotFound(kernel_id)
             os.pwrite(fd, f"{os.getpid():<15}\n".encode(), 0)  # see last_user()
             yield True
         finally:
