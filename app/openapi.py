@@ -169,8 +169,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 GUARD_403 = ("no API key is set and the request is not from a local client talking to the "
              "proxy directly: `host_not_allowed`, `api_key_required`, `cross_site_request`")
 BODY_ERRORS = {
-    400: "`invalid_request`: the body is not a JSON object, or has a missing, ill-typed or "
-         "unknown field (`details.fields` says which)",
+    400: "`invalid_request`: the body is not a JSON object (in UTF-8), has a key twice, or "
+         "has a missing, ill-typed or unknown field (`details.fields` says which)",
     413: "`request_too_large`: the body is over JUPYTER_MAX_REQUEST_BYTES",
     415: "`unsupported_media_type`: a body that is not `application/json`",
 }

@@ -114,14 +114,27 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
     if not raw.strip() and optional:
         return schema.load({})
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        body = json.loads(raw, object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not UTF-8 text, which JSON must be") from None
+    except (ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     data = schema.load(body)
     g.kernel_id = data.get("id")
     return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: parsers differ on which of two equal keys wins,
+    so such a body is refused rather than read one way here and another way elsewhere."""
+    body = dict(pairs)
+    if len(body) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise InvalidRequest(f"the request body has the key {twice!r} more than once")
+    return body
 
 
 # -- Response schemas -----------------------------------------------------------------------

@@ -206,6 +206,22 @@ def test_body_that_is_not_a_json_object_is_400(http, path, data):
     assert_error(response, 400, "invalid_request")
 
 
+def test_a_body_with_a_key_twice_is_400_naming_it(http, shared_kernel):
+    """Parsers differ on which one wins (a filter in front may have read the other)."""
+    data = f'{{"id": "{shared_kernel}", "code": "print(1)", "code": "print(2)"}}'
+    response = http.post("/execute_code", data=data, content_type="application/json")
+    body = assert_error(response, 400, "invalid_request")
+    assert "'code' more than once" in body["message"]
+
+
+def test_a_body_that_is_not_utf8_is_400_saying_so(http, shared_kernel):
+    data = f'{{"id": "{shared_kernel}", "code": "print(\'caf\xe9\')"}}'.encode("latin-1")
+    response = http.post("/execute_code", data=data,
+                         content_type="application/json; charset=latin-1")
+    body = assert_error(response, 400, "invalid_request")
+    assert "not UTF-8" in body["message"]
+
+
 def test_code_that_is_not_valid_unicode_is_400(http, shared_kernel):
     response = http.post("/execute_code", data=f'{{"id": "{shared_kernel}", "code": "\\ud800"}}',
                          content_type="application/json")
