@@ -324,6 +324,7 @@ def test_lock_files_no_one_took_for_an_hour_are_removed_and_made_again_when_need
     from app.kernels.locks import STALE_SECONDS
 
     locks = KernelLocks(SERVER)
+    locks._next_sweep = float("inf")  # no sweep of its own in the background: this test's
     for kernel_id in ("culled", "recent"):
         with locks.hold(kernel_id, time.monotonic() + 5):
             pass
@@ -340,10 +341,10 @@ def test_lock_files_no_one_took_for_an_hour_are_removed_and_made_again_when_need
 
 
 def test_each_worker_sweeps_stale_lock_files_when_it_first_takes_a_lock():
-    from app.kernels.locks import STALE_SECONDS
+    from app.kernels.locks import STALE_SECONDS, private_directory
 
-    with KernelLocks(SERVER).hold("culled-2", time.monotonic() + 5):
-        pass
+    private_directory(SERVER)
+    _lock_file("culled-2").write_text(f"{os.getpid():<15}\n")  # left by an older worker
     _age(_lock_file("culled-2"), STALE_SECONDS + 60)
     with KernelLocks(SERVER).hold("k12", time.monotonic() + 5):  # a new worker's first call
         pass
@@ -379,8 +380,41 @@ def test_a_caller_waiting_on_a_lock_file_that_is_removed_takes_the_new_one():
         before = _lock_waiters()
         waiter = threading.Thread(target=wait_for_it)
         waiter.start()
-        while _lock_waiters() == before:  # it waits on the lock file
-            time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while _lock_waiters() == before and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it waits on the lock file
         _lock_file("k13").unlink()  # a /tmp cleaner
         waiter.join(10)
     assert outcome == [True, "held"]
+
+
+def test_callers_of_a_kernel_being_forgotten_are_told_it_is_gone_before_its_file_goes():
+    """forget() writes "gone" into the file, then removes it: a caller that takes the file in
+    between learns it too (and does not overwrite it for those behind it)."""
+    locks = KernelLocks(SERVER)
+    with locks.hold("k14", time.monotonic() + 5):
+        pass
+    fd = os.open(_lock_file("k14"), os.O_WRONLY)
+    os.pwrite(fd, b"gone           \n", 0)  # forget() in another worker, half done
+    os.close(fd)
+    for _ in range(2):
+        with pytest.raises(KernelNotFound), KernelLocks(SERVER).hold("k14", time.monotonic() + 5):
+            pass
+
+
+def test_a_sweep_goes_on_past_an_entry_it_cannot_remove():
+    from app.kernels.locks import STALE_SECONDS
+
+    locks = KernelLocks(SERVER)
+    locks._next_sweep = float("inf")  # no sweep of its own in the background: this test's
+    with locks.hold("culled-3", time.monotonic() + 5):
+        pass
+    odd = _lock_file("a-directory")
+    odd.mkdir()  # not a lock file
+    for path in (odd, _lock_file("culled-3")):
+        _age(path, STALE_SECONDS + 60)
+    try:
+        assert locks.sweep() == 1
+        assert not _lock_file("culled-3").exists()
+    finally:
+        odd.rmdir()

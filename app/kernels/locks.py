@@ -201,7 +201,7 @@ class KernelLocks:
         self._remember_forgotten(kernel_id)
         if self._directory is not None:
             path = self._directory / f"{kernel_id}.lock"
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # (telling waiters is best effort)
                 fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
                 try:
                     os.pwrite(fd, GONE.ljust(15) + b"\n", 0)
@@ -218,12 +218,13 @@ class KernelLocks:
             return 0
         cutoff = time.time() - (STALE_SECONDS if older_than is None else older_than)
         removed = 0
+        failure: OSError | None = None
         for path in self._directory.glob("*.lock"):
             try:
                 if path.lstat().st_mtime >= cutoff:
                     continue
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
+                fd = self._opened(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))  # (a fork
+                try:  # meanwhile must not keep the lock: see forget_inherited)
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     held, now = os.fstat(fd), path.lstat()
                     if held.st_mtime < cutoff and (held.st_dev, held.st_ino) == \
@@ -231,9 +232,13 @@ class KernelLocks:
                         path.unlink()
                         removed += 1
                 finally:
-                    os.close(fd)
+                    self._close(fd)
             except (BlockingIOError, FileNotFoundError):
                 continue  # taken, or gone meanwhile
+            except OSError as err:
+                failure = failure or err  # the others are removed all the same
+        if failure is not None:
+            log.warning("could not remove a stale kernel lock file: %s", failure)
         return removed
 
     def _start_sweep(self) -> None:
@@ -241,6 +246,9 @@ class KernelLocks:
         with self._guard:
             if self._next_sweep > time.monotonic():
                 return  # another thread just started one
+            if self._directory is None:
+                self._next_sweep = float("inf")  # nothing to sweep, ever
+                return
             self._next_sweep = time.monotonic() + SWEEP_SECONDS
 
         def sweep() -> None:
@@ -253,7 +261,10 @@ class KernelLocks:
                 log.info("removed %d lock files of kernels not used for %g s", removed,
                          STALE_SECONDS)
 
-        threading.Thread(target=sweep, daemon=True, name="kernel-lock-sweep").start()
+        try:
+            threading.Thread(target=sweep, daemon=True, name="kernel-lock-sweep").start()
+        except RuntimeError as err:  # no thread to be had now: next time
+            log.warning("could not start sweeping stale kernel lock files: %s", err)
 
     def _remember_forgotten(self, kernel_id: str) -> None:
         with self._guard:
@@ -341,13 +352,17 @@ class KernelLocks:
                 yield False
                 return
             fd = waiter.fd
-        if os.fstat(fd).st_nlink == 0:
-            # The file was removed while this waited: by forget(), in another worker (it wrote
-            # so in the file), or by a sweep or a /tmp cleaner: the lock is the new file's.
-            try:
-                gone = os.pread(fd, len(GONE), 0) == GONE
-            finally:
-                self._close(fd)
+        try:
+            gone = os.pread(fd, len(GONE), 0) == GONE
+            removed = os.fstat(fd).st_nlink == 0
+        except BaseException:
+            self._close(fd)
+            raise
+        if gone or removed:
+            # forget() ran in another worker while this waited (it writes "gone" in the file,
+            # then removes it); or a sweep or a /tmp cleaner removed the file: the lock is then
+            # the new file's.
+            self._close(fd)
             if gone:
                 self._remember_forgotten(kernel_id)
                 raise KernelNotFound(kernel_id)
