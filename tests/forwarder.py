@@ -22,6 +22,7 @@ class TcpForwarder:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._stopped = threading.Event()
         self._frozen = threading.Event()
+        self._dead: set[socket.socket] = set()  # connections blackholed: nothing relayed
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -47,7 +48,7 @@ class TcpForwarder:
         selector.register(b, selectors.EVENT_READ, a)
         try:
             while not self._stopped.is_set():
-                if self._frozen.is_set():
+                if self._frozen.is_set() or a in self._dead:
                     time.sleep(0.01)
                     continue
                 for key, _ in selector.select(timeout=0.1):
@@ -83,6 +84,14 @@ class TcpForwarder:
         network failure loses what is on the wire.
         """
         self._frozen.set()
+
+    def blackhole(self) -> int:
+        """Stops relaying the open connections, for good, without closing them: what a NAT or
+        a firewall that forgets a flow does (no FIN, no RST). New connections get through.
+        Returns how many there were."""
+        with self._lock:
+            self._dead.update(a for a, _ in self._pairs)
+            return len(self._pairs)
 
     def cut(self) -> int:
         """Breaks every open connection, both ways; returns how many there were."""

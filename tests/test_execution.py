@@ -1031,11 +1031,83 @@ def test_silence_after_a_reconnect_with_an_idle_kernel_means_the_answer_was_lost
     assert kernel.interrupts == [] and kernel.restarts == []
 
 
+class IdleOnceInterrupted(FakeKernel):
+    """The server says the kernel is busy until the interrupt, and idle after it."""
+
+    def interrupt(self) -> None:
+        super().interrupt()
+        self.model = {"execution_state": "idle", "connections": 1}
+
+
 def test_an_idle_kernel_is_never_restarted_at_the_deadline(clock):
-    kernel = FakeKernel(clock, [status("busy")], model={"execution_state": "idle"})
+    kernel = IdleOnceInterrupted(clock, [status("busy")], [])
     run_until_raises(kernel, ConnectionLost)
     assert kernel.interrupts == [DEADLINE]
     assert kernel.restarts == []  # its state is kept: the code had finished
+
+
+def test_a_silent_websocket_to_an_idle_kernel_is_reopened_and_the_lost_answer_told_early(clock):
+    """A network that drops the websocket without a word (no FIN, no RST): the server says the
+    kernel is idle while nothing of the request came; the proxy reopens the websocket (the
+    server replays what it buffered, if it saw the break) and, still nothing, says so."""
+    kernel = FakeKernel(clock, [status("busy")], [], model={"execution_state": "idle"})
+    _, error = run_until_raises(kernel, ConnectionLost)
+    assert [session for session, _ in kernel.connects] == [None, "session-1"]  # same session
+    assert kernel.connects and clock.now <= LIVENESS_SECONDS + SETTLE + 1  # not at the deadline
+    assert "the code finished, but its answer was lost" in error.message
+    assert kernel.interrupts == [] and kernel.restarts == []
+    assert kernel.released == [False]  # the dead websocket is not kept
+
+
+def test_a_request_lost_with_a_silent_websocket_is_told_it_may_not_have_run(clock):
+    kernel = FakeKernel(clock, [], [], model={"execution_state": "idle"})
+    _, error = run_until_raises(kernel, ConnectionLost)
+    assert "the request may have been lost (the code did not run)" in error.message
+    assert "the code finished" not in error.message
+
+
+def test_an_answer_the_server_replays_on_the_reopened_websocket_completes_the_execution(clock):
+    kernel = FakeKernel(clock, [status("busy")], [stream("late"), reply(), status("idle")],
+                        model={"execution_state": "idle"})
+    events = run(kernel)
+    assert texts(events) == ["late"] and end_of(events).status is None
+    assert len(kernel.connects) == 2
+
+
+@pytest.mark.parametrize("before", [0.03, LIVENESS_SECONDS - 0.03])
+def test_a_break_just_before_a_wait_ends_is_still_reopened(clock, before):
+    """Just before the deadline (the code is then stopped on the reopened websocket) or just
+    before a look-up of a silent kernel: reopening is tried all the same."""
+    silence = DEADLINE - before if before < 1 else before
+    kernel = FakeKernel(clock, [status("busy"), Silence(silence), ConnectionLost("broke")],
+                        [], on_interrupt=interrupted_answers())
+    end = end_of(run(kernel))
+    assert len(kernel.connects) == 2
+    assert end.status == "timeout" and kernel.interrupts and kernel.interrupts[0] >= DEADLINE
+    assert "interrupted and keeps its state" in end.error["evalue"]
+
+
+def test_breaks_are_counted_in_a_row_not_over_the_whole_execution(clock):
+    """A long cell on a connection that breaks now and then is reopened each time."""
+    scripts = [[status("busy"), stream(f"{i}"), ConnectionLost("broke")] for i in range(5)]
+    kernel = FakeKernel(clock, *scripts, [reply(), status("idle")])
+    events = run(kernel)
+    assert end_of(events).status is None and len(kernel.connects) == 6
+    assert texts(events) == ["0", "1", "2", "3", "4"]
+
+
+def test_a_websocket_that_brought_nothing_before_the_deadline_is_not_reused(clock):
+    """Code that never started (the kernel busy elsewhere, or the websocket dead): with not a
+    message heard, the websocket may be dead, so it is closed rather than kept warm."""
+    kernel = FakeKernel(clock, [], model={"execution_state": "busy", "connections": 1})
+    end = end_of(run(kernel))
+    assert end.status == "timeout" and "did not start" in end.error["evalue"]
+    assert kernel.released == [False]
+    kernel = FakeKernel(clock, [Silence(50), status("busy", parent="another client")],
+                        model={"execution_state": "busy", "connections": 2})
+    clock.now = 0.0
+    end_of(run(kernel))
+    assert kernel.released == [True]  # it brought the other client's output: alive
 
 
 def test_connection_that_keeps_breaking_is_given_up_after_the_reconnect_attempts(clock):

@@ -309,6 +309,74 @@ def test_connection_that_cannot_be_reopened_is_a_clear_error_and_kernel_stays_us
     assert value(run(http, kernel, "5 * 5")) == "25"  # directly: the kernel is fine
 
 
+def test_a_cut_just_before_the_deadline_still_stops_the_code(settings, forwarder, kernel,
+                                                             http):
+    """The websocket is reopened even with no time left, and the code stopped on it: not a
+    502 with the code running on unseen."""
+    proxied = create_app(settings.replace(server_url=forwarder.url)).test_client()
+    assert value(run(proxied, kernel, "1")) == "1"  # warm: the deadline is not spent connecting
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run(
+        proxied, kernel, "import time\nprint('started', flush=True)\ntime.sleep(30)",
+        timeout=3)))
+    started = time.monotonic()
+    thread.start()
+    time.sleep(max(started + 3 - 0.03 - time.monotonic(), 0))
+    assert forwarder.cut() >= 1
+    thread.join(30)
+    assert result["status"] == "timeout", result
+    assert "interrupted and keeps its state" in result["error"]["evalue"]
+    began = time.monotonic()
+    assert value(run(http, kernel, "2 * 2")) == "4"  # the kernel is free, not still sleeping
+    assert time.monotonic() - began < 10
+
+
+@pytest.fixture
+def warm_behind(settings, forwarder, kernel):
+    """The app through `forwarder`, with a warm websocket to `kernel` and no pooled HTTP
+    connection (so that what `forwarder.blackhole()` swallows is the websocket)."""
+    app = create_app(settings.replace(server_url=forwarder.url))
+    proxied = app.test_client()
+    assert value(run(proxied, kernel, "1")) == "1"
+    app.extensions["kernel_manager"].client.reset_connections()
+    return proxied
+
+
+def test_an_idle_websocket_dropped_without_a_word_is_found_out_and_replaced(warm_behind,
+                                                                            forwarder, kernel):
+    forwarder.blackhole()  # the warm websocket's flow is gone: the request goes nowhere
+    began = time.monotonic()
+    response = warm_behind.post("/execute_code", json={"id": kernel, "code": "1 + 1",
+                                                       "timeout": 120})
+    assert response.status_code == 502
+    body = response.get_json()
+    assert body["error"] == "upstream_connection_lost"
+    assert "the request may have been lost (the code did not run)" in body["message"]
+    assert time.monotonic() - began < 30  # found out by a look-up, not at the deadline
+    assert value(run(warm_behind, kernel, "2 + 2")) == "4"  # on a new websocket
+
+
+def test_a_websocket_dropped_without_a_word_mid_cell_is_found_out(warm_behind, forwarder,
+                                                                 kernel):
+    result: dict = {}
+
+    def execute() -> None:
+        response = warm_behind.post("/execute_code", json={
+            "id": kernel, "code": "import time\nprint('started', flush=True)\ntime.sleep(1)",
+            "timeout": 120})
+        result.update(status=response.status_code, body=response.get_json())
+
+    thread = threading.Thread(target=execute)
+    began = time.monotonic()
+    thread.start()
+    time.sleep(0.5)
+    forwarder.blackhole()
+    thread.join(60)
+    assert result["status"] == 502, result
+    assert "the code finished, but its answer was lost" in result["body"]["message"]
+    assert time.monotonic() - began < 30
+
+
 # -- concurrent clients, through the real service ------------------------------------------------
 
 @pytest.fixture(scope="module")

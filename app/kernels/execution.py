@@ -18,6 +18,8 @@ Everything is bounded:
 - a websocket that breaks is reopened with the same session id, so that the server replays what
   it buffered meanwhile; the request itself is never sent twice. Messages that were on the wire
   when it broke are gone: the kernel's message numbers tell whether any may be (`output_lost`).
+  A websocket that went silent while the server says the kernel is idle (a network that dropped
+  it without a word) is reopened the same way.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from app.metrics import metrics
 
 INTERRUPT_GRACE_SECONDS = 5.0
 SETTLE_SECONDS = 2.0  # silence after the reply (or idle) that ends the wait for the other half
-RECONNECT_ATTEMPTS = 3  # websockets reopened in one execution, at most
+RECONNECT_ATTEMPTS = 3  # websockets reopened in a row with no message in between, at most
 RECONNECT_PAUSES = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # backoff between tries to reopen one
+RECONNECT_WINDOW = 2.0  # reopening gets this long at least, even close to the deadline
 MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
 LIVENESS_SECONDS = 10.0  # silence while code runs after which the server is asked about the kernel
 LOOKUP_SECONDS = 5.0  # longest wait for the server's answer to that question
@@ -135,6 +138,8 @@ class _Run:
         self.last_own = 0.0  # when the latest message of this request arrived
         self.last_heard = 0.0  # when anything last arrived (or the websocket was reopened)
         self.reconnects = 0
+        self.breaks = 0  # websockets broken since the last message arrived
+        self.heard = False  # something arrived since the request was sent
         self.gaps = _Gaps()
         self.frames_dropped = False  # a frame that was no Jupyter message was skipped
         self.reusable = False  # set once the execution ended with the channel in a known state
@@ -204,7 +209,9 @@ class _Run:
         if not self.complete:
             outcome = yield from self._stop_overrun(grace)
             if self.death is None:
-                self.reusable = outcome in ("interrupted", "not_started")
+                # (A channel that brought nothing since the request went may be dead.)
+                self.reusable = outcome == "interrupted" or (outcome == "not_started"
+                                                             and self.heard)
                 lost = self.output_lost and outcome != "not_started"
                 if self.was_cancelled:
                     yield End("cancelled", _cancel_error(outcome), lost)
@@ -269,13 +276,18 @@ class _Run:
                     continue
                 if self.clock() >= until:
                     return
-                self._ask_server(answer_may_be_lost=self.reconnects > 0)
+                state = self._ask_server(answer_may_be_lost=self.reconnects > 0)
+                if state == "idle" and not self.death:
+                    # Idle, yet nothing of this request came: the websocket may have died
+                    # without a sound (a NAT or firewall dropped it). Reopen it, as after a
+                    # break; the silence after that is then checked every `settle`.
+                    self._broke(until)
                 self.last_heard = self.clock()
                 continue
             wait_until = limit
             if self.cancelled is not None:
                 wait_until = min(limit, self.clock() + CANCEL_POLL_SECONDS)
-            received = self._recv(wait_until, reconnect_until=limit)
+            received = self._recv(wait_until, reconnect_until=until)
             if received is None:
                 continue
             message, size = received
@@ -300,23 +312,27 @@ class _Run:
             "server; the output may be incomplete",
             kernel_id=self.channel.kernel_id if self.channel else None)
 
-    def _ask_server(self, answer_may_be_lost: bool) -> None:
-        """Looks the silent kernel up on the server. Not there: it is `gone` (`death`). Idle
-        although this request is not complete, when `answer_may_be_lost`: the code finished,
-        and its answer went with a broken connection (raises ConnectionLost).
+    def _ask_server(self, answer_may_be_lost: bool) -> str | None:
+        """Looks the silent kernel up on the server and returns its `execution_state` (None if
+        the server could not say). Not there: it is `gone` (`death`). Idle although this
+        request is not complete, when `answer_may_be_lost`: the code finished, and its answer
+        went with a broken connection (raises ConnectionLost).
         """
         try:
             state = self.kernel.describe().get("execution_state")
         except KernelNotFound:
             self.death = "gone"
-            return
+            return None
         except KernelError:
-            return
+            return None
         if answer_may_be_lost and state == "idle":
+            what = "the code finished, but its answer was lost" if self.started else (
+                "nothing of this request came back: the request may have been lost (the code "
+                "did not run), or the code ran and its answer was lost")
             raise ConnectionLost(
-                "the code finished, but its answer was lost with the connection to the "
-                "Jupyter server (the kernel is idle and keeps its state)",
-                kernel_id=self.channel.kernel_id if self.channel else None)
+                f"{what} with the connection to the Jupyter server (the kernel is idle and "
+                "keeps its state)", kernel_id=self.channel.kernel_id if self.channel else None)
+        return state
 
     def _note(self, message: dict[str, Any]) -> None:
         self.started = True
@@ -342,16 +358,25 @@ class _Run:
         try:
             received = self.channel.recv(until - self.clock())
         except ConnectionLost:
-            if self.reconnects >= RECONNECT_ATTEMPTS or self.clock() >= reconnect_until:
+            if self.breaks >= RECONNECT_ATTEMPTS:
                 raise
-            self.reconnects += 1
-            self.gaps.broke()
-            self._reconnect(reconnect_until)
+            self._broke(reconnect_until)
             return None
         self.frames_dropped |= self.channel.dropped > dropped
         if received is not None:
+            self.breaks = 0
+            self.heard = True
             self.gaps.note(received[0], own=protocol.parent_id(received[0]) == self.msg_id)
         return received
+
+    def _broke(self, until: float) -> None:
+        """The websocket broke (or is taken for dead): reopens it. Trying gets at least
+        `RECONNECT_WINDOW`, so that a break just before the deadline still leaves a websocket
+        to stop the code on, rather than code running on unseen."""
+        self.reconnects += 1
+        self.breaks += 1
+        self.gaps.broke()
+        self._reconnect(max(until, self.clock() + RECONNECT_WINDOW))
 
     def _reconnect(self, until: float) -> None:
         """Reopens the websocket with the same session id, retrying with backoff until
