@@ -43,6 +43,14 @@ def require_known_host() -> None:
                        "this proxy has no API key, so it only answers requests addressed to "
                        "localhost or a loopback address; set JUPYTER_PROXY_API_KEY, or list "
                        "this host name in JUPYTER_ALLOWED_HOSTS")
+    # (Before the reverse-proxy rule, which JUPYTER_ALLOW_UNAUTHENTICATED lifts: a browser
+    # sends the credentials a reverse proxy checks along with another site's request.)
+    origin = urlsplit(request.headers.get("Origin", "")).hostname
+    if request.headers.get("Sec-Fetch-Site") == "cross-site" or (
+            "Origin" in request.headers and not (origin and _known(origin, settings))):
+        raise ApiError(403, "cross_site_request",
+                       "requests from web pages of other sites are refused; set "
+                       "JUPYTER_PROXY_API_KEY to call this proxy from a browser")
     if settings.allow_unauthenticated:
         return
     if any(h in request.headers for h in ("Forwarded", "X-Forwarded-For", "X-Real-IP")):
@@ -50,12 +58,6 @@ def require_known_host() -> None:
                        "this request came through a reverse proxy, but this proxy has no API "
                        "key: set JUPYTER_PROXY_API_KEY (or JUPYTER_ALLOW_UNAUTHENTICATED=1 if "
                        "the reverse proxy authenticates clients)")
-    origin = urlsplit(request.headers.get("Origin", "")).hostname
-    if request.headers.get("Sec-Fetch-Site") == "cross-site" or (
-            "Origin" in request.headers and not (origin and _known(origin, settings))):
-        raise ApiError(403, "cross_site_request",
-                       "requests from web pages of other sites are refused; set "
-                       "JUPYTER_PROXY_API_KEY to call this proxy from a browser")
 
 
 def _known(host: str, settings: Any) -> bool:

@@ -140,6 +140,17 @@ def test_keyless_proxy_refuses_relayed_and_cross_site_requests(settings, headers
     assert keyed.post("/start_kernel", headers=headers).status_code == 401  # the key decides
 
 
+@pytest.mark.parametrize("headers", [{"Origin": "https://evil.example"}, {"Origin": "null"},
+                                     {"Sec-Fetch-Site": "cross-site"}])
+def test_trusting_a_reverse_proxy_still_refuses_other_sites_pages(settings, headers):
+    """With JUPYTER_ALLOW_UNAUTHENTICATED (nginx or a VPN authenticates clients), a page of
+    another site would have the browser send those credentials along: still refused."""
+    trusting = create_app(settings.replace(allow_unauthenticated=True)).test_client()
+    response = trusting.post("/start_kernel", headers={**headers, "X-Forwarded-For": "10.1.2.3"})
+    assert response.status_code == 403
+    assert response.get_json()["error"] == "cross_site_request"
+
+
 def test_keyless_proxy_serves_its_own_origin_and_trusted_relays(settings):
     http = create_app(settings).test_client()
     assert http.get("/health", headers={"Origin": "http://localhost:8000"}).status_code == 200
