@@ -17,8 +17,10 @@ from marshmallow import (
     validates,
     validates_schema,
 )
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from app.errors import ApiError
 from app.kernels.errors import InvalidRequest
 from app.kernels.manager import check_kernel_id
 
@@ -106,7 +108,11 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
     Raises `InvalidRequest` or `ValidationError` (both 400). The `Content-Type` was checked
     before the view ran (415).
     """
-    raw = request.get_data(cache=True)
+    try:
+        raw = request.get_data(cache=True)
+    except (ParseException, OSError):  # gunicorn's, reading a body that breaks its framing
+        raise ApiError(400, "bad_request", "the request body could not be read (it ended "
+                       "early, or its chunked transfer encoding is malformed)") from None
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is None and limit is not None and len(raw) >= limit:
         # A chunked body is cut at the limit without an error: treat reaching it as too large.

@@ -16,7 +16,8 @@ worker recycling itself.
 - Request threads that end after the main loop closed do not write to its closed wake-up pipe
   (whose descriptor number may belong to something else by then).
 - A request gunicorn itself refuses (a malformed request line or header, headers too large)
-  is answered in the API's JSON error shape, not gunicorn's HTML page.
+  is answered in the API's JSON error shape, not gunicorn's HTML page; after the app's answer to
+  a body that cannot be read (a malformed chunk), the connection closes without a second one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http.errors import ParseException
 from gunicorn.workers.gthread import PollableMethodQueue, ThreadWorker
 
 from app.errors import HTTP_ERROR_CODES
@@ -111,6 +113,15 @@ class JobFinishingThreadWorker(ThreadWorker):
             return super().handle(conn)
         finally:
             self._done()
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # gthread reads what the app left of the body before keeping the connection; a body
+        # that breaks its framing (a bad chunk) made it answer a second time, after the app's
+        # 400: the answer is out, so the connection just closes.
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except (ParseException, OSError):
+            return False
 
     def _done(self) -> None:
         with self._in_flight_lock:

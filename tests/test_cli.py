@@ -240,6 +240,27 @@ def test_requests_gunicorn_refuses_get_the_json_error_shape(start_proxy, jupyter
     assert requests.get(f"{proxy.url}/health", timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("jupyter_server", ["jupyter_server"], indirect=True)  # proxy only
+@pytest.mark.parametrize("chunks", [b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXX0\r\n\r\n"],
+                         ids=["bad-size", "no-terminator"])
+def test_a_body_with_malformed_chunks_is_one_json_400(start_proxy, jupyter_server, chunks):
+    proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
+                        env={"JUPYTER_TOKEN": jupyter_server.token})
+    raw = (b"POST /start_kernel HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+           b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+        client.sendall(raw)
+        answer = b""
+        while chunk := client.recv(65536):  # until the proxy closes the connection
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # one answer, then the connection closes
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert json.loads(body)["error"] == "bad_request"
+    assert requests.get(f"{proxy.url}/health", timeout=30).status_code == 200
+    assert not [line for line in proxy.log_lines() if line["level"] == "ERROR"]
+
+
 @pytest.mark.parametrize("args, env, complaint", [
     ([], {"JUPYTER_TIMEOUT_TOTAL": "soon"}, "JUPYTER_TIMEOUT_TOTAL"),
     ([], {"JUPYTER_EXECUTION_TIMEOUT": "-1"}, "JUPYTER_EXECUTION_TIMEOUT"),
