@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
 from app import schemas
 from app.errors import ApiError
@@ -33,7 +33,9 @@ def kernels() -> KernelManager:
 def start_kernel() -> dict[str, Any]:
     """Start a kernel and answer once it can execute code."""
     body = schemas.load_body(START_KERNEL, optional=True)
-    return kernels().start_kernel(body.get("name"))
+    kernel = kernels().start_kernel(body.get("name"), poll=client_gone(request.environ))
+    g.kernel_id = kernel["id"]  # for the request's log line
+    return kernel
 
 
 def jobs() -> JobRunner:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -22,6 +22,7 @@ from app.metrics import metrics
 # Most specific first: the first matching class decides.
 KERNEL_ERROR_STATUS: list[tuple[type[kernel_errors.KernelError], int, str]] = [
     (kernel_errors.InvalidRequest, 400, "invalid_request"),
+    (kernel_errors.ClientGone, 400, "client_gone"),
     (kernel_errors.KernelSpecNotFound, 400, "unknown_kernel_spec"),
     (kernel_errors.KernelNotFound, 404, "kernel_not_found"),
     (kernel_errors.CodeTooLarge, 413, "code_too_large"),
@@ -98,6 +99,8 @@ def register_error_handlers(app: Flask) -> None:
     def _kernel_error(err: kernel_errors.KernelError) -> tuple[Response, int]:
         status, code = status_of(err)
         details = err.details
+        if not g.get("kernel_id") and details.get("kernel_id"):
+            g.kernel_id = details["kernel_id"]  # for the request's log line (a start's)
         if isinstance(err, kernel_errors.InvalidRequest) and "field" in details:
             details = {"fields": {details["field"]: [err.message]}}  # as the schemas say it
         return error_response(status, code, err.message, details)

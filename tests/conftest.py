@@ -33,18 +33,20 @@ from tests.gateway import EnterpriseGatewayServer, KernelGatewayServer
 
 REPO = Path(__file__).resolve().parent.parent
 
-# What the tests and the processes they start write to temporary files (proxy logs, the lock
-# directories of servers on random ports, embedded servers' files, pytest's tmp_path) goes to
-# one directory of this run, removed at the end of a run that passed (a failed run's stays, for
-# its logs). Set before anything asks `tempfile` for its directory.
-TEST_TMPDIR = Path(tempfile.mkdtemp(prefix="jupyter-kernel-proxy-tests-"))
-os.environ["TMPDIR"] = str(TEST_TMPDIR)
-tempfile.tempdir = None  # asked anew: TMPDIR
+
+def pytest_configure(config) -> None:
+    """What the tests and the processes they start write to temporary files (proxy logs, the
+    lock directories of servers on random ports, embedded servers' files, pytest's tmp_path)
+    goes to one directory of this run, removed at the end of a run that passed (a failed run's
+    stays, for its logs). (A hook, not module code: test modules import this one again.)"""
+    config.test_tmpdir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-tests-")
+    os.environ["TMPDIR"] = config.test_tmpdir
+    tempfile.tempdir = None  # asked anew: TMPDIR
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     if exitstatus == 0:
-        shutil.rmtree(TEST_TMPDIR, ignore_errors=True)
+        shutil.rmtree(session.config.test_tmpdir, ignore_errors=True)
 
 
 UPSTREAMS = {"jupyter_server": EmbeddedJupyterServer, "kernel_gateway": KernelGatewayServer,

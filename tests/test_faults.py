@@ -461,6 +461,28 @@ def test_a_client_that_hangs_up_before_the_answer_gets_its_code_interrupted(serv
         time.sleep(0.2)
 
 
+def test_a_client_that_hangs_up_while_its_kernel_starts_leaves_no_kernel_behind(service):
+    """Nobody would learn the kernel's id: it would run, unused, until someone culls it."""
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(f"{service.url}/start_kernel", timeout=0.3)
+    deadline = time.monotonic() + 120
+    while True:
+        lines = service.log_lines()
+        gone = [line["kernel_id"] for line in lines
+                if line.get("message", "").startswith("the client went away before its kernel")]
+        answered = [line["status"] for line in lines if gone and line.get("message") == "request"
+                    and line.get("kernel_id") == gone[0]]
+        if answered:
+            break
+        assert time.monotonic() < deadline, "the abandoned start is noticed, and logged"
+        time.sleep(0.2)
+    assert answered == [400]  # client_gone, logged with the kernel's id
+    while gone[0] in {k["id"] for k in requests.get(f"{service.url}/kernels",
+                                                    timeout=30).json()["kernels"]}:
+        assert time.monotonic() < deadline, "the abandoned kernel is shut down"
+        time.sleep(0.2)
+
+
 def test_executions_queued_on_a_kernel_that_is_shut_down_answer_404_at_once(service):
     kernel_id = requests.post(f"{service.url}/start_kernel", timeout=60).json()["id"]
 

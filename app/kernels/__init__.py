@@ -5,6 +5,7 @@ No Flask here: this package is also the proxy's Python API.
 
 from app.kernels.client import JupyterClient
 from app.kernels.errors import (
+    ClientGone,
     CodeTooLarge,
     ConnectionLost,
     InvalidRequest,
@@ -21,6 +22,7 @@ from app.kernels.errors import (
 from app.kernels.manager import KernelManager
 
 __all__ = [
+    "ClientGone",
     "CodeTooLarge",
     "ConnectionLost",
     "InvalidRequest",

@@ -63,5 +63,9 @@ class TooManyKernels(KernelError):
     """The Jupyter server already runs as many kernels as the proxy allows (`max_kernels`)."""
 
 
+class ClientGone(KernelError):
+    """The client went away before the answer; what it asked for was undone."""
+
+
 class KernelBusy(KernelError):
     """Too many executions already wait for this kernel (`max_queued_executions`)."""

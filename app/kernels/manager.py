@@ -27,6 +27,7 @@ from app.kernels.locks import START_LOCK, KernelLocks
 from app.kernels.orphans import OrphanReaper
 from app.kernels.pool import KernelPool, PoolLedger
 from app.kernels.errors import (
+    ClientGone,
     CodeTooLarge,
     InvalidRequest,
     KernelError,
@@ -120,12 +121,15 @@ class KernelManager:
         last = self._locks.last_user(kernel_id)
         return last is not None and last != os.getpid()
 
-    def start_kernel(self, name: str | None = None) -> dict[str, Any]:
+    def start_kernel(self, name: str | None = None, *,
+                     poll: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Starts a kernel of spec `name` (default: settings) and returns once it can execute.
 
         Returns `{"id", "name"}` plus the server's `execution_state` and `last_activity`. With
         a pool, a ready kernel of the default spec is handed out at once. A kernel that does
-        not become ready in `kernel_start_timeout` is shut down again.
+        not become ready in `kernel_start_timeout` is shut down again. `poll`, asked once the
+        kernel is ready, says whether the caller went away meanwhile: the kernel, whose id
+        nobody would learn, is then shut down, and `ClientGone` raised.
         """
         name = name or self.settings.kernel_name
         kernel = self._pool.take(name) if self._pool else None
@@ -133,9 +137,15 @@ class KernelManager:
             self.logger.info("kernel handed out from the pool", kernel_id=kernel["id"],
                              kernel_name=name)
             metrics().kernels_started.labels("pool").inc()
-            return kernel
-        kernel = self._start_new(name)
-        metrics().kernels_started.labels("new").inc()
+        else:
+            kernel = self._start_new(name)
+            metrics().kernels_started.labels("new").inc()
+        if poll is not None and poll():
+            self.logger.warning("the client went away before its kernel was ready; shutting "
+                                "the kernel down", kernel_id=kernel["id"])
+            self._shutdown_quietly(kernel["id"])
+            raise ClientGone("the client closed its connection before the kernel was ready; "
+                             "the kernel was shut down", kernel_id=kernel["id"])
         return kernel
 
     def warm_up(self) -> None:
