@@ -93,7 +93,10 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError) -> tuple[Response, int]:
-        return error_response(err.status, err.code, err.message, err.details)
+        response, status = error_response(err.status, err.code, err.message, err.details)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"  # how to authenticate (RFC 9110)
+        return response, status
 
     @app.errorhandler(kernel_errors.KernelError)
     def _kernel_error(err: kernel_errors.KernelError) -> tuple[Response, int]:

@@ -120,6 +120,10 @@ class Settings:
                                     f"(got {self.job_store!r})")
         if self.proxy_api_key is not None and not self.api_keys:
             raise SettingsError("JUPYTER_PROXY_API_KEY is set but holds no key")
+        if any(not key.isascii() or not key.isprintable() for key in self.api_keys):
+            # An HTTP header carries bytes, read as latin-1: such a key could never match.
+            raise SettingsError("JUPYTER_PROXY_API_KEY must be printable ASCII (letters, "
+                                "digits, punctuation)")
 
     @property
     def api_keys(self) -> tuple[str, ...]:

@@ -174,6 +174,7 @@ def test_every_endpoint_but_health_needs_the_key(settings, method, path):
     response = keyed.open(path, method=method, json={})
     assert response.status_code == 401
     assert response.get_json()["error"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"] == "Bearer"  # says how to authenticate
 
 
 def test_plain_gunicorn_refuses_a_network_bind_given_on_its_command_line():

@@ -245,3 +245,10 @@ def test_kernel_env_is_parsed_into_kernel_variables():
 def test_kernel_env_refuses_what_is_not_a_kernel_variable(value):
     with pytest.raises(SettingsError, match="JUPYTER_KERNEL_ENV"):
         Settings(kernel_env=value)
+
+
+@pytest.mark.parametrize("key", ["clé-secrète", "two words\tand a tab"])
+def test_an_api_key_no_client_could_send_is_refused_at_start(key):
+    """A header carries bytes (read as latin-1): a non-ASCII key would answer 401 to all."""
+    with pytest.raises(SettingsError, match="printable ASCII"):
+        Settings.from_environment({"JUPYTER_PROXY_API_KEY": key})
