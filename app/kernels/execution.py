@@ -138,8 +138,11 @@ class _Run:
         self.last_own = 0.0  # when the latest message of this request arrived
         self.last_heard = 0.0  # when anything last arrived (or the websocket was reopened)
         self.reconnects = 0
-        self.breaks = 0  # websockets broken since the last message arrived
+        self.breaks = 0  # websockets broken since the last message of this request arrived
         self.heard = False  # something arrived since the request was sent
+        self.seen_state: str | None = None  # the kernel's state as its websocket last told it
+        self.interrupted = False  # the proxy interrupted the code (deadline, cancellation)
+        self.suspect = False  # the server says idle, the websocket did not: it may be dead
         self.gaps = _Gaps()
         self.frames_dropped = False  # a frame that was no Jupyter message was skipped
         self.reusable = False  # set once the execution ended with the channel in a known state
@@ -242,6 +245,7 @@ class _Run:
         if not self.started:
             return "not_started"
         if _attempt(self.kernel.interrupt):
+            self.interrupted = True
             yield from self._collect(self.clock() + grace)
             if self.complete or self.death:
                 return "interrupted"
@@ -268,7 +272,7 @@ class _Run:
             half_in = self.reply or self.idle
             limit = min(until, self.last_own + self.settle) if half_in else until
             if not half_in:
-                silence = self.settle if self.reconnects else LIVENESS_SECONDS
+                silence = self.settle if self.reconnects or self.suspect else LIVENESS_SECONDS
                 limit = min(limit, self.last_heard + silence)
             if self.clock() >= limit:
                 if half_in:
@@ -277,11 +281,13 @@ class _Run:
                 if self.clock() >= until:
                     return
                 state = self._ask_server(answer_may_be_lost=self.reconnects > 0)
-                if state == "idle" and not self.death:
-                    # Idle, yet nothing of this request came: the websocket may have died
-                    # without a sound (a NAT or firewall dropped it). Reopen it, as after a
-                    # break; the silence after that is then checked every `settle`.
-                    self._broke(until)
+                if state == "idle" and not self.death and self.seen_state != "idle":
+                    # Idle on the server, yet the websocket did not say so: it may have died
+                    # without a sound (a NAT or firewall dropped it). It gets `settle` more
+                    # (the answer may be on its way), then it is reopened as after a break.
+                    if self.suspect:
+                        self._broke(until)
+                    self.suspect = not self.suspect
                 self.last_heard = self.clock()
                 continue
             wait_until = limit
@@ -326,9 +332,14 @@ class _Run:
         except KernelError:
             return None
         if answer_may_be_lost and state == "idle":
-            what = "the code finished, but its answer was lost" if self.started else (
-                "nothing of this request came back: the request may have been lost (the code "
-                "did not run), or the code ran and its answer was lost")
+            if self.interrupted:
+                what = ("the code was interrupted (its deadline passed, or its client went "
+                        "away), but its answer was lost")
+            elif self.started:
+                what = "the code finished, but its answer was lost"
+            else:
+                what = ("nothing of this request came back: the request may have been lost (the "
+                        "code did not run), or the code ran and its answer was lost")
             raise ConnectionLost(
                 f"{what} with the connection to the Jupyter server (the kernel is idle and "
                 "keeps its state)", kernel_id=self.channel.kernel_id if self.channel else None)
@@ -364,9 +375,13 @@ class _Run:
             return None
         self.frames_dropped |= self.channel.dropped > dropped
         if received is not None:
-            self.breaks = 0
-            self.heard = True
-            self.gaps.note(received[0], own=protocol.parent_id(received[0]) == self.msg_id)
+            message = received[0]
+            own = protocol.parent_id(message) == self.msg_id
+            self.breaks = 0 if own else self.breaks
+            self.heard, self.suspect = True, False
+            if message.get("msg_type") == "status":
+                self.seen_state = (message.get("content") or {}).get("execution_state")
+            self.gaps.note(message, own=own)
         return received
 
     def _broke(self, until: float) -> None:
