@@ -321,8 +321,8 @@ class _Run:
     def _ask_server(self, answer_may_be_lost: bool) -> str | None:
         """Looks the silent kernel up on the server and returns its `execution_state` (None if
         the server could not say). Not there: it is `gone` (`death`). Idle although this
-        request is not complete, when `answer_may_be_lost`: the code finished, and its answer
-        went with a broken connection (raises ConnectionLost).
+        request is not complete, when `answer_may_be_lost`: its answer went with a broken
+        connection (raises ConnectionLost, saying what became of the code as far as known).
         """
         try:
             state = self.kernel.describe().get("execution_state")

@@ -223,8 +223,9 @@ class KernelLocks:
             try:
                 if path.lstat().st_mtime >= cutoff:
                     continue
-                fd = self._opened(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))  # (a fork
-                try:  # meanwhile must not keep the lock: see forget_inherited)
+                # (Registered: a fork meanwhile must not keep the lock, see forget_inherited.)
+                fd = self._opened(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
+                try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     held, now = os.fstat(fd), path.lstat()
                     if held.st_mtime < cutoff and (held.st_dev, held.st_ino) == \
