@@ -108,15 +108,7 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
     Raises `InvalidRequest` or `ValidationError` (both 400). The `Content-Type` was checked
     before the view ran (415).
     """
-    try:
-        raw = request.get_data(cache=True)
-    except (ParseException, OSError):  # gunicorn's, reading a body that breaks its framing
-        raise ApiError(400, "bad_request", "the request body could not be read (it ended "
-                       "early, or its chunked transfer encoding is malformed)") from None
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is None and limit is not None and len(raw) >= limit:
-        # A chunked body is cut at the limit without an error: treat reaching it as too large.
-        raise RequestEntityTooLarge()
+    raw = read_body()
     if not raw.strip() and optional:
         return schema.load({})
     try:
@@ -130,6 +122,35 @@ def load_body(schema: Schema, *, optional: bool = False) -> dict[str, Any]:
     data = schema.load(body)
     g.kernel_id = data.get("id")
     return data
+
+
+def read_body() -> bytes:
+    """The request's body, at most `MAX_CONTENT_LENGTH` bytes of it.
+
+    Raises `RequestEntityTooLarge` (413) for a longer body, and `ApiError` 400 `bad_request`
+    for one that breaks its framing (ends early, or malformed chunks: gunicorn's
+    `ParseException` or an `OSError` from the socket).
+    """
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    try:
+        if (request.content_length is not None or limit is None
+                or not request.environ.get("wsgi.input_terminated")):
+            # werkzeug refuses a length over the limit; without a length, from a server that
+            # does not end the input for us, it reads nothing rather than wait for a close.
+            return request.get_data(cache=True)
+        # A chunked body (the server ends it): werkzeug would cut it at the limit without a
+        # word, so that a body of exactly the limit and a longer one would look alike. One
+        # byte more tells them apart.
+        stream = request.environ["wsgi.input"]
+        raw = b""
+        while len(raw) <= limit and (chunk := stream.read(limit + 1 - len(raw))):
+            raw += chunk
+    except (ParseException, OSError):
+        raise ApiError(400, "bad_request", "the request body could not be read (it ended "
+                       "early, or its chunked transfer encoding is malformed)") from None
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -201,11 +201,20 @@ def test_plain_gunicorn_with_the_config_file_logs_each_line_once(jupyter_server)
     assert jupyter_server.token not in output
 
 
-def test_chunked_body_over_the_limit_is_413(start_proxy, jupyter_server):
+@pytest.mark.parametrize("jupyter_server", ["jupyter_server"], indirect=True)  # proxy only
+@pytest.mark.parametrize("size, status, code", [
+    (1000, 404, "kernel_not_found"),  # exactly the limit: read (the kernel id is unknown)
+    (1001, 413, "request_too_large"),
+    (6000, 413, "request_too_large"),
+])
+def test_a_chunked_body_over_the_limit_is_413_and_one_at_it_is_read(start_proxy,
+                                                                    jupyter_server, size,
+                                                                    status, code):
     proxy = start_proxy("--server-url", jupyter_server.url, "--workers", "1",
                         env={"JUPYTER_TOKEN": jupyter_server.token,
                              "JUPYTER_MAX_REQUEST_BYTES": "1000"})
-    body = b'{"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "code": "1"}' + b" " * 5000
+    body = b'{"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "code": "1"}'
+    body += b" " * (size - len(body))
 
     def chunks():
         for start in range(0, len(body), 500):
@@ -213,8 +222,8 @@ def test_chunked_body_over_the_limit_is_413(start_proxy, jupyter_server):
 
     response = requests.post(f"{proxy.url}/execute_code", data=chunks(), timeout=30,
                              headers={"Content-Type": "application/json"})
-    assert response.status_code == 413
-    assert response.json()["error"] == "request_too_large"
+    assert response.status_code == status
+    assert response.json()["error"] == code
 
 
 @pytest.mark.parametrize("jupyter_server", ["jupyter_server"], indirect=True)  # proxy only
