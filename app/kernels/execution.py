@@ -501,9 +501,10 @@ class _Run:
         if outcome == "not_started":
             return {"ename": "ExecutionTimeout",
                     "evalue": f"the kernel did not start this code within its {timeout:g} s "
-                              "deadline (it was busy with code sent by another client, or the "
-                              "deadline was shorter than the kernel takes to start code); it "
-                              "was not interrupted, and the kernel may still run the code",
+                              "deadline (it may have been busy with code sent by another "
+                              "client, the deadline shorter than the kernel takes to start "
+                              "code, or the request lost with a connection); it was not "
+                              "interrupted, and the kernel may still run the code",
                     "traceback": []}
         what = {
             "interrupted": "the kernel was interrupted and keeps its state",
@@ -615,8 +616,8 @@ def _cancel_error(outcome: str) -> dict[str, Any]:
         "restarted": "the kernel did not stop on an interrupt and was restarted: its state is "
                      "lost",
         "not_sent": "the code was not sent to the kernel",
-        "not_started": "the kernel had not started the code (it was busy with code sent by "
-                       "another client) and may still run it",
+        "not_started": "the kernel had not started the code (it may have been busy with code "
+                       "sent by another client) and may still run it",
         "failed": "the kernel could not be interrupted or restarted and may still be running it",
     }[outcome]
     return {"ename": "ExecutionCancelled",
