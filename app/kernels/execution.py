@@ -285,9 +285,11 @@ class _Run:
                     # Idle on the server, yet the websocket did not say so: it may have died
                     # without a sound (a NAT or firewall dropped it). It gets `settle` more
                     # (the answer may be on its way), then it is reopened as after a break.
-                    if self.suspect:
+                    if self.suspect:  # the second time in a row
+                        self.suspect = False
                         self._broke(until)
-                    self.suspect = not self.suspect
+                    else:
+                        self.suspect = True
                 self.last_heard = self.clock()
                 continue
             wait_until = limit
