@@ -69,6 +69,7 @@ def test_leaving_an_execution_early_interrupts_the_code(manager, kernel):
     assert execution.answer["status"] == "cancelled"
     assert execution.answer["error"]["ename"] == "ExecutionCancelled"
     after = manager.execute_code(kernel, "kept", timeout=10)
+    assert after["status"] == "ok" and after["outputs"], after  # state kept, kernel usable
     assert after["outputs"][0]["data"]["text/plain"] == "'yes'"
 
 
