@@ -92,6 +92,22 @@ def test_kernel_that_ignores_interrupts_is_restarted(http, kernel):
     assert answer["error"]["ename"] == "NameError"
 
 
+def test_an_execution_queued_behind_a_restart_at_a_deadline_gets_all_its_output(manager,
+                                                                                 kernel):
+    """The next execution must not go out before the restarted kernel's output reaches the
+    proxy: the server drops what the new process publishes before its subscription is up
+    (only the reply came, with `truncated: false`)."""
+    code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
+    for _ in range(3):
+        with ThreadPoolExecutor(1) as pool:
+            stubborn = pool.submit(manager.execute_code, kernel, code, timeout=1)
+            time.sleep(0.3)
+            queued = manager.execute_code(kernel, "print('next')", timeout=60)
+        assert stubborn.result()["status"] == "timeout"
+        assert "restarted" in stubborn.result()["error"]["evalue"]
+        assert (queued["status"], queued["stdout"]) == ("ok", "next\n"), queued
+
+
 @pytest.mark.parametrize("code", ["input()", "import getpass; getpass.getpass()"])
 def test_code_asking_for_input_fails_at_once(http, shared_kernel, code):
     started = time.monotonic()

@@ -51,7 +51,11 @@ from app.logs import StructuredLogger
 from app.metrics import metrics
 
 
+_log = StructuredLogger(__name__)
+
 CONTROL_CONNECT_SECONDS = 2.0  # per connection attempt of an execution's REST questions
+READY_PROBE_SECONDS = 0.5  # a kernel that replied but published no status is asked again
+READY_IOPUB_SECONDS = 3.0  # after its reply, how long a kernel's status is awaited at most
 
 
 def check_kernel_id(kernel_id: str) -> str:
@@ -389,25 +393,11 @@ class KernelManager:
         self._locks.forget(kernel_id)
 
     def _wait_until_ready(self, kernel_id: str, deadline: float) -> None:
-        """Returns once the kernel answers a `kernel_info_request`."""
-        remaining = deadline - time.monotonic()
-        channel = self.client.open_channel(kernel_id, timeout=max(remaining, 0.1))
-        try:
-            request = protocol.kernel_info_request(channel.session_id)
-            msg_id = request["header"]["msg_id"]
-            channel.send(request)
-            while (remaining := deadline - time.monotonic()) > 0:
-                received = channel.recv(remaining)
-                if received and received[0].get("msg_type") == "kernel_info_reply" \
-                        and protocol.parent_id(received[0]) == msg_id:
-                    self._channels.give(channel)  # warm for the first execution
-                    channel = None
-                    return
-        finally:
-            if channel is not None:
-                channel.close()
-        raise UpstreamTimeout(f"the kernel did not become ready within "
-                              f"{self.settings.kernel_start_timeout:g} s", kernel_id=kernel_id)
+        """Returns once the kernel answers on a websocket, which is kept warm (`ready`)."""
+        if not wait_until_ready(self.client, self._channels, kernel_id, deadline):
+            raise UpstreamTimeout(f"the kernel did not become ready within "
+                                  f"{self.settings.kernel_start_timeout:g} s",
+                                  kernel_id=kernel_id)
 
     def close(self) -> None:
         """Shuts the pooled kernels down and closes the warm websockets; safe to call twice.
@@ -550,6 +540,50 @@ def _after_fork(manager_ref: weakref.ref) -> None:
         manager._set_up_process_state()
 
 
+def wait_until_ready(client: JupyterClient, channels: ChannelCache, kernel_id: str,
+                     deadline: float) -> bool:
+    """Whether the kernel answered a `kernel_info_request` on a new websocket before `deadline`
+    (the websocket is then kept warm for the next execution).
+
+    Ready means its reply came and its output reaches this websocket: a status message of
+    the request arrived on iopub. Right after a start or restart the server's subscription
+    to the new process may not be up yet, and what the kernel publishes meanwhile is lost
+    (its next execution's output would be, with only the reply coming back). After the
+    reply the request is sent again every `READY_PROBE_SECONDS` until a status comes; a
+    kernel that never publishes one counts as ready `READY_IOPUB_SECONDS` after its reply.
+    """
+    channel = client.open_channel(kernel_id, timeout=max(deadline - time.monotonic(), 0.1))
+    try:
+        asked: set[str] = set()
+        replied_at: float | None = None
+        published = False
+        next_probe = time.monotonic()
+        while not (replied_at is not None and (
+                published or time.monotonic() - replied_at >= READY_IOPUB_SECONDS)):
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now >= next_probe:  # (a request waits for a kernel still starting: one will do)
+                request = protocol.kernel_info_request(channel.session_id)
+                asked.add(request["header"]["msg_id"])
+                channel.send(request)
+                next_probe = now + READY_PROBE_SECONDS if replied_at else float("inf")
+            received = channel.recv(min(deadline, next_probe) - now)
+            if received is None or protocol.parent_id(received[0]) not in asked:
+                continue
+            if received[0].get("msg_type") == "kernel_info_reply" and replied_at is None:
+                replied_at = time.monotonic()
+                next_probe = replied_at + READY_PROBE_SECONDS  # its status may have been lost
+            elif received[0].get("channel") == "iopub":
+                published = True
+        channels.give(channel)  # warm for the first execution
+        channel = None
+        return True
+    finally:
+        if channel is not None:
+            channel.close()
+
+
 class _Kernel:
     """One kernel as the execution loop sees it (`execution.KernelControl`): channels come
     from the worker's cache of warm websockets and go back to it.
@@ -586,4 +620,18 @@ class _Kernel:
                                      connect_timeout=CONTROL_CONNECT_SECONDS)
 
     def restart(self) -> None:
+        """Restarts the kernel; returns once the new process answers (`wait_until_ready`), so
+        that the next execution, waiting for the lock, is not sent before its output can reach
+        anyone. A restart that is not ready within the start timeout is logged, not raised:
+        the kernel was restarted all the same."""
+        deadline = time.monotonic() + self.client.settings.kernel_start_timeout
         self.client.restart_kernel(self.kernel_id, connect_timeout=CONTROL_CONNECT_SECONDS)
+        try:
+            ready = wait_until_ready(self.client, self.channels, self.kernel_id, deadline)
+        except KernelError as err:
+            ready, reason = False, str(err)
+        else:
+            reason = "no answer in time"
+        if not ready:
+            _log.warning("the restarted kernel did not answer within the start timeout",
+                         kernel_id=self.kernel_id, reason=reason)
