@@ -35,6 +35,7 @@ from app.kernels.errors import (
 )
 from app.kernels.execution import (
     LIVENESS_SECONDS,
+    PING_SECONDS,
     RECONNECT_ATTEMPTS,
     RECONNECT_PAUSES,
     End,
@@ -101,6 +102,10 @@ class Dropped:
     """A frame that was no Jupyter message: the channel skipped it (and counted it)."""
 
 
+class Pong:
+    """The server's answer to a websocket ping (the kernel's `pong` says when one comes)."""
+
+
 class ScriptedChannel:
     """A KernelChannel stand-in: records what is sent, plays `script` on receive.
 
@@ -120,6 +125,14 @@ class ScriptedChannel:
         self.recvs: list[tuple[float, float]] = []  # (clock at the call, timeout)
         self.closed = False
         self.dropped = 0
+        self.pongs = 0
+        self.pings: list[float] = []  # clock at each ping
+
+    def ping(self) -> None:
+        assert not self.closed, "ping on a closed channel"
+        self.pings.append(self.clock())
+        if self.kernel.pong:
+            self.script.insert(0, Pong())
 
     def send(self, message: dict) -> None:
         assert not self.closed, "send on a closed channel"
@@ -155,6 +168,9 @@ class ScriptedChannel:
             if isinstance(item, Dropped):
                 self.dropped += 1
                 continue
+            if isinstance(item, Pong):
+                self.pongs += 1
+                return None
             if isinstance(item, NewProcess):
                 self.kernel.pid, self.kernel.numbered = self.kernel.pid + 1, 0
                 continue
@@ -177,8 +193,10 @@ class FakeKernel:
     def __init__(self, clock: FakeClock, *scripts: list | BaseException,
                  on_interrupt: list = (), interrupt_raises: KernelError | None = None,
                  on_restart: list = (), restart_raises: KernelError | None = None,
-                 connect_seconds: float = 0.0, model: dict | None = None) -> None:
+                 connect_seconds: float = 0.0, model: dict | None = None,
+                 pong: bool = False) -> None:
         self.clock = clock
+        self.pong = pong  # whether the websockets answer pings (False: they died unheard)
         # What the server says of the kernel: busy (running the code) with only our connection.
         self.model = model if model is not None else {"execution_state": "busy",
                                                       "connections": 1}
@@ -499,6 +517,14 @@ def test_slow_kernel_within_the_deadline_is_not_interrupted(clock):
 
 
 # -- one half missing --------------------------------------------------------------------------
+
+def test_a_reply_with_nothing_of_its_request_on_iopub_says_output_may_be_missing(clock):
+    """Only the reply came, not even `busy`: iopub lost the request's messages (as when the
+    server's subscription to a just restarted process was not up yet)."""
+    kernel = FakeKernel(clock, [reply()])
+    events = run(kernel)
+    assert end_of(events) == End(output_lost=True)
+
 
 def test_dropped_idle_completes_after_settle_seconds_not_at_the_deadline(clock):
     kernel = FakeKernel(clock, [status("busy"), Silence(10), reply()])
@@ -1053,10 +1079,44 @@ def test_a_silent_websocket_to_an_idle_kernel_is_reopened_and_the_lost_answer_to
     kernel = FakeKernel(clock, [status("busy")], [], model={"execution_state": "idle"})
     _, error = run_until_raises(kernel, ConnectionLost)
     assert [session for session, _ in kernel.connects] == [None, "session-1"]  # same session
-    assert clock.now <= LIVENESS_SECONDS + 2 * SETTLE + 1  # not at the deadline
+    assert clock.now <= LIVENESS_SECONDS + 2 * SETTLE + PING_SECONDS + 1  # not at the deadline
     assert "the code finished, but its answer was lost" in error.message
     assert kernel.interrupts == [] and kernel.restarts == []
     assert kernel.released == [False]  # the dead websocket is not kept
+
+
+def test_a_live_websocket_is_believed_over_a_server_that_says_idle(clock):
+    """A gateway's view of a kernel can stay `idle` after a restart while code runs: a
+    websocket that answers a ping is not reopened, and the code's output still comes."""
+    kernel = FakeKernel(clock, [status("busy"), Silence(3 * LIVENESS_SECONDS), stream("late"),
+                                reply(), status("idle")],
+                        model={"execution_state": "idle"}, pong=True)
+    events = run(kernel)
+    assert texts(events) == ["late"] and end_of(events) == End()
+    assert len(kernel.connects) == 1 and kernel.channels[0].pings
+
+
+def test_code_past_its_deadline_on_a_live_websocket_is_restarted_though_the_server_says_idle(
+        clock):
+    """The same wrong view at the deadline: code that ignores the interrupt is restarted, not
+    reported finished with its answer lost (it would run on, holding the kernel)."""
+    kernel = FakeKernel(clock, [status("busy"), stream("partial")],
+                        on_interrupt=[Silence(1), stream("still going")],
+                        model={"execution_state": "idle"}, pong=True)
+    events = run(kernel)
+    assert kernel.interrupts == [DEADLINE] and len(kernel.restarts) == 1
+    assert kernel.channels[0].pings
+    end = end_of(events)
+    assert end.status == "timeout" and "restarted" in end.error["evalue"]
+
+
+def test_code_past_its_deadline_on_a_dead_websocket_to_an_idle_kernel_is_an_answer_lost(clock):
+    ticks = [item for _ in range(int(DEADLINE / 5)) for item in (Silence(5), stream("."))]
+    kernel = FakeKernel(clock, [status("busy"), *ticks],  # (never silent before the deadline)
+                        model={"execution_state": "idle"})
+    _, error = run_until_raises(kernel, ConnectionLost)
+    assert "interrupted" in error.message and "answer was lost" in error.message
+    assert kernel.restarts == [] and kernel.channels[0].pings
 
 
 def test_an_answer_on_its_way_when_the_server_says_idle_is_read_not_thrown_away(clock):

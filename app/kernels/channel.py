@@ -59,6 +59,7 @@ class KernelChannel:
         self.session_id = session_id
         self.v1 = v1
         self.dropped = 0  # frames received that were not Jupyter messages (skipped)
+        self.pongs = 0  # answers to `ping()` received
         self._open = True
         metrics().open_websockets.inc()
 
@@ -122,8 +123,19 @@ class KernelChannel:
             raise ConnectionLost("the websocket to the kernel broke while sending",
                                  kernel_id=self.kernel_id) from err
 
+    def ping(self) -> None:
+        """Sends a websocket ping: the server answers it (`pongs`) if the connection lives,
+        whatever the kernel does. Breaking raises `ConnectionLost`."""
+        try:
+            self.ws.settimeout(10.0)
+            self.ws.ping()
+        except (websocket.WebSocketException, OSError) as err:
+            raise ConnectionLost("the websocket to the kernel broke while sending",
+                                 kernel_id=self.kernel_id) from err
+
     def recv(self, timeout: float) -> tuple[dict[str, Any], int] | None:
-        """The next message and its size in bytes, or None if `timeout` passes first.
+        """The next message and its size in bytes, or None if `timeout` passes first, or a
+        pong came (counted in `pongs`: a caller waiting for one can look).
 
         Control frames are read one at a time (pings answered) and the time left recomputed
         after each: websocket-client's own `recv()` would wait through any number of pings,
@@ -146,6 +158,9 @@ class KernelChannel:
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 raise ConnectionLost("the Jupyter server closed the websocket to the kernel",
                                      kernel_id=self.kernel_id)
+            if opcode == websocket.ABNF.OPCODE_PONG:
+                self.pongs += 1
+                return None
             if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
                 continue
             data = frame.data

@@ -43,6 +43,7 @@ RECONNECT_WINDOW = 2.0  # reopening gets this long at least, even close to the d
 MIN_CRASH_WAIT = 5.0  # a crash near the deadline still gets this long to show the restart
 LIVENESS_SECONDS = 10.0  # silence while code runs after which the server is asked about the kernel
 LOOKUP_SECONDS = 5.0  # longest wait for the server's answer to that question
+PING_SECONDS = 2.0  # a websocket that does not answer a ping within this is taken for dead
 CANCEL_POLL_SECONDS = 0.5  # how often `cancelled` is asked while the kernel is silent
 PROBE_PAUSES = (0.5, 1.0, 2.0)  # between kernel_info requests to a kernel being restarted
 SEQUENCE_SLACK = 4  # how far out of order a kernel's threads send its numbered messages
@@ -145,6 +146,8 @@ class _Run:
         self.suspect = False  # the server says idle, the websocket did not: it may be dead
         self.gaps = _Gaps()
         self.frames_dropped = False  # a frame that was no Jupyter message was skipped
+        self.published = False  # a message of this request came on iopub
+        self.iopub_lost = False  # the reply came, and nothing of this request on iopub
         self.reusable = False  # set once the execution ended with the channel in a known state
         self.death: str | None = None
         self.restart_asked = False  # the death was a restart someone asked for
@@ -159,7 +162,7 @@ class _Run:
     def output_lost(self) -> bool:
         """Messages of this request went missing with a broken websocket, or a frame that was
         no Jupyter message was skipped (or may have)."""
-        return self.gaps.lost or self.frames_dropped
+        return self.gaps.lost or self.frames_dropped or self.iopub_lost
 
     def execute(self, code: str, *, timeout: float, crash_wait: float, grace: float,
                 silent: bool) -> Iterator[Event]:
@@ -249,9 +252,20 @@ class _Run:
             yield from self._collect(self.clock() + grace)
             if self.complete or self.death:
                 return "interrupted"
-        self._ask_server(answer_may_be_lost=True)
+        state = self._ask_server(answer_may_be_lost=self.reconnects > 0)
         if self.death:
             return "failed"  # gone: there is nothing left to stop
+        if state == "idle":
+            # Idle on the server: the code finished and its answer was lost with a websocket
+            # that died without a sound, unless that websocket lives (a ping says): its answer
+            # would have come, so the code runs on, and the server's view is wrong (a
+            # gateway's can stay `idle` after a restart) or passing (an interrupt sent as a
+            # message makes the kernel say busy, then idle, on the control channel).
+            alive = yield from self._answers_ping()
+            if self.complete:
+                return "interrupted"
+            if not alive:
+                raise self._answer_lost()
         return "restarted" if _attempt(self.kernel.restart) else "failed"
 
     def _collect(self, until: float, until_started: bool = False) -> Iterator[Event]:
@@ -284,36 +298,64 @@ class _Run:
                 if state == "idle" and not self.death and self.seen_state != "idle":
                     # Idle on the server, yet the websocket did not say so: it may have died
                     # without a sound (a NAT or firewall dropped it). It gets `settle` more
-                    # (the answer may be on its way), then it is reopened as after a break.
-                    if self.suspect:  # the second time in a row
-                        self.suspect = False
-                        self._broke(until)
-                    else:
+                    # (the answer may be on its way), then, unless it answers a ping (the
+                    # server's view may be wrong), it is reopened as after a break.
+                    if not self.suspect:
                         self.suspect = True
+                    else:  # the second time in a row: does the websocket still answer?
+                        self.suspect = False
+                        if not (yield from self._answers_ping()):
+                            self._broke(until)
                 self.last_heard = self.clock()
                 continue
             wait_until = limit
             if self.cancelled is not None:
                 wait_until = min(limit, self.clock() + CANCEL_POLL_SECONDS)
             received = self._recv(wait_until, reconnect_until=until)
-            if received is None:
-                continue
-            message, size = received
-            self.last_heard = self.clock()
-            if protocol.parent_id(message) == self.msg_id:
-                self._note(message)
-                yield Message(message, size)
-            else:
-                self.death = protocol.kernel_death_state(message)
-                if self.death and message.get("msg_type") == "shutdown_reply":
-                    self.restart_asked |= self.death == "restarting"
-                    numbered = protocol.sequence_number(message)
-                    self.dying_sender = numbered[0] if numbered else None
+            if received is not None:
+                yield from self._take(*received)
+
+    def _take(self, message: dict[str, Any], size: int) -> Iterator[Event]:
+        """Takes in a message that arrived: this request's is yielded, another may be the
+        kernel's death."""
+        self.last_heard = self.clock()
+        if protocol.parent_id(message) == self.msg_id:
+            self._note(message)
+            yield Message(message, size)
+        else:
+            self.death = protocol.kernel_death_state(message)
+            if self.death and message.get("msg_type") == "shutdown_reply":
+                self.restart_asked |= self.death == "restarting"
+                numbered = protocol.sequence_number(message)
+                self.dying_sender = numbered[0] if numbered else None
+
+    def _answers_ping(self) -> Generator[Event, None, bool]:
+        """Whether the websocket lives: it answers a ping, or brings anything, within
+        `PING_SECONDS` (what arrives meanwhile is taken in as usual). A break is no answer."""
+        channel = self.channel
+        assert channel is not None
+        pongs = channel.pongs
+        until = self.clock() + PING_SECONDS
+        try:
+            channel.ping()
+            while self.clock() < until:
+                received = self._recv(until, reopen=False)
+                if received is not None:
+                    yield from self._take(*received)
+                    return True
+                if channel.pongs > pongs:
+                    return True
+        except ConnectionLost:
+            pass
+        return False
 
     def _settle(self) -> None:
         """Silence after half of the answer: the other half is not coming."""
         if self.reply:
             self.idle = True  # the server dropped the idle: the reply is the answer
+            # Not even `busy` came: the iopub stream lost this request's messages (output
+            # published before the server's subscription to a new process was up).
+            self.iopub_lost = not self.published
             return
         raise ConnectionLost(
             "the kernel finished, but its reply was lost with the connection to the Jupyter "
@@ -334,23 +376,29 @@ class _Run:
         except KernelError:
             return None
         if answer_may_be_lost and state == "idle":
-            if self.interrupted:
-                what = ("the code was interrupted (its deadline passed, or its client went "
-                        "away), but its answer was lost")
-            elif self.started:
-                what = "the code finished, but its answer was lost"
-            else:
-                what = ("nothing of this request came back: the request may have been lost (the "
-                        "code did not run), or the code ran and its answer was lost")
-            raise ConnectionLost(
-                f"{what} with the connection to the Jupyter server (the kernel is idle and "
-                "keeps its state)", kernel_id=self.channel.kernel_id if self.channel else None)
+            raise self._answer_lost()
         return state
+
+    def _answer_lost(self) -> ConnectionLost:
+        """The error of an execution whose kernel is idle on the server while its answer did
+        not come: it went with a broken connection."""
+        if self.interrupted:
+            what = ("the code was interrupted (its deadline passed, or its client went away), "
+                    "but its answer was lost")
+        elif self.started:
+            what = "the code finished, but its answer was lost"
+        else:
+            what = ("nothing of this request came back: the request may have been lost (the "
+                    "code did not run), or the code ran and its answer was lost")
+        return ConnectionLost(
+            f"{what} with the connection to the Jupyter server (the kernel is idle and keeps "
+            "its state)", kernel_id=self.channel.kernel_id if self.channel else None)
 
     def _note(self, message: dict[str, Any]) -> None:
         self.started = True
         self.last_own = self.clock()
         msg_type = message.get("msg_type")
+        self.published |= message.get("channel") == "iopub"
         if msg_type == "execute_reply":
             self.reply = True
         elif protocol.is_idle(message):
@@ -360,18 +408,19 @@ class _Run:
             self.stdin_refused = True
             _attempt(self.kernel.interrupt)
 
-    def _recv(self, until: float, reconnect_until: float | None = None
+    def _recv(self, until: float, reconnect_until: float | None = None, reopen: bool = True
               ) -> tuple[dict[str, Any], int] | None:
         """The next message before `until`, or None (also right after a broken websocket was
         reopened, so that the caller reconsiders how long to wait). A broken websocket may be
-        reopened until `reconnect_until` (default `until`).
+        reopened until `reconnect_until` (default `until`), unless not `reopen` (raises
+        `ConnectionLost`).
         """
         reconnect_until = until if reconnect_until is None else reconnect_until
         dropped = self.channel.dropped
         try:
             received = self.channel.recv(until - self.clock())
         except ConnectionLost:
-            if self.breaks >= RECONNECT_ATTEMPTS:
+            if self.breaks >= RECONNECT_ATTEMPTS or not reopen:
                 raise
             self._broke(reconnect_until)
             return None
