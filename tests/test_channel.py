@@ -57,6 +57,16 @@ def test_recv_times_out_with_none_and_channel_stays_usable(settings, shared_kern
         assert channel.recv(10) is not None
 
 
+def test_the_server_answers_a_ping_on_a_live_websocket(settings, shared_kernel):
+    """What the execution loop asks when the server says idle and the websocket did not."""
+    with JupyterClient(settings) as client, client.open_channel(shared_kernel) as channel:
+        channel.ping()
+        deadline = time.monotonic() + 10
+        while channel.pongs == 0 and time.monotonic() < deadline:
+            channel.recv(deadline - time.monotonic())  # (the server's greeting may come first)
+        assert channel.pongs == 1
+
+
 def test_unknown_kernel_is_not_found_and_hides_the_servers_page(settings):
     kernel_id = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"
     with JupyterClient(settings) as client, pytest.raises(KernelNotFound) as caught:

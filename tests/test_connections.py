@@ -12,6 +12,9 @@ from app.kernels.connections import ChannelCache
 from app.kernels.errors import ConnectionLost
 
 
+PONG = object()  # the answer to a websocket ping
+
+
 class FakeChannel:
     """A KernelChannel stand-in with messages already waiting to be read."""
 
@@ -19,6 +22,7 @@ class FakeChannel:
         self.kernel_id = kernel_id
         self.waiting = list(pending or [])
         self.closed = False
+        self.pongs = 0
 
     def pending(self) -> bool:
         return bool(self.waiting)
@@ -27,6 +31,9 @@ class FakeChannel:
         item = self.waiting.pop(0)
         if isinstance(item, BaseException):
             raise item
+        if item is PONG:  # the real channel's recv returns None for one
+            self.pongs += 1
+            return None
         return item, 100
 
     def close(self) -> None:
@@ -174,3 +181,12 @@ def test_forget_and_close():
     late = FakeChannel("c")
     cache.give(late)
     assert late.closed
+
+
+def test_a_late_answer_to_a_ping_does_not_hide_what_follows_it():
+    cache = ChannelCache(capacity=4)
+    channel = FakeChannel("k1")
+    cache.give(channel)
+    channel.waiting = [PONG, broadcast("status", {"execution_state": "dead"}, parent=None)]
+    assert cache.take("k1") is None  # the kernel's death behind the pong was read
+    assert channel.closed

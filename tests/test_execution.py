@@ -131,8 +131,10 @@ class ScriptedChannel:
     def ping(self) -> None:
         assert not self.closed, "ping on a closed channel"
         self.pings.append(self.clock())
-        if self.kernel.pong:
-            self.script.insert(0, Pong())
+        if self.kernel.pong:  # after what is on the wire already (up to the next silence)
+            on_the_wire = next((i for i, item in enumerate(self.script)
+                                if isinstance(item, Silence)), len(self.script))
+            self.script.insert(on_the_wire, Pong())
 
     def send(self, message: dict) -> None:
         assert not self.closed, "send on a closed channel"
@@ -1108,6 +1110,18 @@ def test_code_past_its_deadline_on_a_live_websocket_is_restarted_though_the_serv
     assert kernel.channels[0].pings
     end = end_of(events)
     assert end.status == "timeout" and "restarted" in end.error["evalue"]
+
+
+def test_an_answer_on_the_wire_when_the_server_says_idle_at_the_deadline_is_read(clock):
+    """The interrupt took just as the grace ended: the server says idle, and the reply and
+    idle are on their way, ahead of the ping's answer. The code stopped: no restart."""
+    kernel = FakeKernel(clock, [status("busy")],
+                        on_interrupt=[Silence(GRACE), reply("error"), status("idle")],
+                        model={"execution_state": "idle"}, pong=True)
+    events = run(kernel)
+    assert kernel.restarts == []
+    end = end_of(events)
+    assert end.status == "timeout" and "interrupted and keeps its state" in end.error["evalue"]
 
 
 def test_code_past_its_deadline_on_a_dead_websocket_to_an_idle_kernel_is_an_answer_lost(clock):

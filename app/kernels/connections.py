@@ -161,8 +161,11 @@ def drain(channel: KernelChannel, until: float) -> bool:
         while channel.pending():
             if time.monotonic() >= until:
                 return False
+            pongs = channel.pongs
             received = channel.recv(max(until - time.monotonic(), 0.001))
             if received is None:
+                if channel.pongs > pongs:
+                    continue  # a late answer to a ping: what follows it is read too
                 break  # a ping, or a frame still arriving: the next reader finishes it
             if protocol.kernel_death_state(received[0]) in ("dead", "shutdown"):
                 return False

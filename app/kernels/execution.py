@@ -19,7 +19,8 @@ Everything is bounded:
   it buffered meanwhile; the request itself is never sent twice. Messages that were on the wire
   when it broke are gone: the kernel's message numbers tell whether any may be (`output_lost`).
   A websocket that went silent while the server says the kernel is idle (a network that dropped
-  it without a word) is reopened the same way.
+  it without a word) is reopened the same way, unless it answers a ping (the server's view can
+  be wrong).
 """
 
 from __future__ import annotations
@@ -239,8 +240,9 @@ class _Run:
 
         Returns `interrupted`, `restarted`, `not_started` or `failed`. Code that never started
         (the kernel was busy with another client's code) is not interrupted: that would stop
-        the other client's code instead. A kernel is restarted only if it is really busy: an
-        idle one finished the code, and its answer was lost with a connection.
+        the other client's code instead. A kernel is restarted only if it is really busy: one
+        the server says is idle finished the code, and its answer was lost with a connection,
+        unless the websocket answers a ping without that answer coming (the server is wrong).
         """
         if not self.started and self.was_cancelled:
             # Sent, but the kernel has not said it started: if it does soon, stop it too.
@@ -262,7 +264,10 @@ class _Run:
             # gateway's can stay `idle` after a restart) or passing (an interrupt sent as a
             # message makes the kernel say busy, then idle, on the control channel).
             alive = yield from self._answers_ping()
-            if self.complete:
+            if self.death:
+                return "failed"
+            if self.reply or self.idle:  # the code stopped: the rest of its answer is near
+                yield from self._collect(self.clock() + self.settle)
                 return "interrupted"
             if not alive:
                 raise self._answer_lost()
@@ -330,24 +335,25 @@ class _Run:
                 self.dying_sender = numbered[0] if numbered else None
 
     def _answers_ping(self) -> Generator[Event, None, bool]:
-        """Whether the websocket lives: it answers a ping, or brings anything, within
-        `PING_SECONDS` (what arrives meanwhile is taken in as usual). A break is no answer."""
+        """Whether the websocket lives: it answers a ping within `PING_SECONDS`. What arrives
+        before the answer is taken in as usual: the server sends the answer after every frame
+        it had sent, so a request's reply or idle on its way has been read by then. A break is
+        no answer."""
         channel = self.channel
         assert channel is not None
         pongs = channel.pongs
         until = self.clock() + PING_SECONDS
         try:
             channel.ping()
-            while self.clock() < until:
+            while channel.pongs == pongs:
+                if self.clock() >= until:
+                    return False
                 received = self._recv(until, reopen=False)
                 if received is not None:
                     yield from self._take(*received)
-                    return True
-                if channel.pongs > pongs:
-                    return True
         except ConnectionLost:
-            pass
-        return False
+            return False
+        return True
 
     def _settle(self) -> None:
         """Silence after half of the answer: the other half is not coming."""

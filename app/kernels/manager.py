@@ -562,7 +562,9 @@ def wait_until_ready(client: JupyterClient, channels: ChannelCache, kernel_id: s
                 published or time.monotonic() - replied_at >= READY_IOPUB_SECONDS)):
             now = time.monotonic()
             if now >= deadline:
-                return False
+                if replied_at is None:
+                    return False
+                break  # it answered: its status is not worth failing the start for
             if now >= next_probe:  # (a request waits for a kernel still starting: one will do)
                 request = protocol.kernel_info_request(channel.session_id)
                 asked.add(request["header"]["msg_id"])
