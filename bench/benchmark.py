@@ -12,7 +12,9 @@ It starts everything it measures and stops everything it started, on Ctrl-C and 
   (gunicorn, gthread) with `--server-url`, the token in `JUPYTER_TOKEN` and `--workers 2`, and a
   second one with `--pool-size 2` for the pool measurement; their JSON logs go to temporary
   files whose paths are printed at the end;
-- a kernel of its own for `jupyter_client` over ZMQ.
+- a kernel of its own for `jupyter_client` over ZMQ;
+- `bench/floor_app.py` behind gunicorn gthread (one worker): a minimal Flask app that answers
+  `POST /execute_code` with a fixed result and no kernel, for the cost of the HTTP hop alone.
 
 What it measures, on warm kernels, executing `1+1`:
 
@@ -21,9 +23,11 @@ What it measures, on warm kernels, executing `1+1`:
    tuned websocket clients on `/api/kernels/{id}/channels` (the reply and the `status: idle`
    both awaited), one in the server's default JSON encoding (issue 4's baseline: a plain
    websocket-client connection) and one in the binary v1 encoding the proxy itself speaks
-   upstream; `jupyter_client` over ZMQ. The socket clients set TCP_NODELAY and, on Linux,
-   TCP_QUICKACK before each receive, so that their own delayed ACKs don't hide (or add to)
-   the cost being measured.
+   upstream; `jupyter_client` over ZMQ; the minimal Flask app, with the proxy's HTTP client.
+   The socket clients set TCP_NODELAY and, on Linux, TCP_QUICKACK before each receive, so
+   that their own delayed ACKs don't hide (or add to) the cost being measured. With it, the
+   CPU time used per execution: by the gunicorn workers (the proxy, the minimal app), or by
+   the client itself (the direct clients).
 2. Throughput: 16 client threads on 4 kernels for a fixed time, through the proxy (each thread
    its own keep-alive connection), then as 16 direct websocket clients (4 per kernel) in
    JSON, then in v1.
@@ -72,11 +76,13 @@ sys.path.insert(0, str(REPO))  # `python bench/benchmark.py` puts bench/, not th
 from app.embedded import EmbeddedJupyterServer, free_port  # noqa: E402
 from app.kernels import protocol  # noqa: E402
 from app.logs import StructuredLogger  # noqa: E402
+from app.settings import Settings  # noqa: E402
 
 CODE = "1+1"
 EXPECTED = "2"
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of the CPU times in /proc
 REQUEST_TIMEOUT = 60.0
 TARGET_LATENCY_RATIO = 1.25
 TARGET_THROUGHPUT_RATIO = 1.0
@@ -193,24 +199,14 @@ class JupyterRest:
             time.sleep(0.1)
 
 
-class ProxyProcess:
-    """A running `jupyter-kernel-proxy` in front of the benchmark's Jupyter server."""
+class ServedProcess:
+    """A gunicorn server the benchmark started (in a session of its own), logging to a file."""
 
-    def __init__(self, server: EmbeddedJupyterServer, workers: int, pool_size: int,
+    def __init__(self, command: list[str], env: dict[str, str], port: int, workers: int,
                  log_path: Path) -> None:
+        self.port = port
         self.workers = workers
-        self.pool_size = pool_size
-        self.port = free_port()
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
-        env["JUPYTER_TOKEN"] = server.token
-        # Its temporary files (the lock directory for this server) stay with its log.
-        env["TMPDIR"] = str(log_path.parent / "tmp")
-        os.makedirs(env["TMPDIR"], exist_ok=True)
-        command = [proxy_command(), "--server-url", server.url, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", str(workers),
-                   "--pool-size", str(pool_size),
-                   "--env-file", os.devnull]  # a developer's .env must not change the run
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -226,13 +222,13 @@ class ProxyProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the proxy exited at start-up; see {self.log_path}")
+                raise RuntimeError(f"{self.pid} exited at start-up; see {self.log_path}")
             with contextlib.suppress(requests.RequestException):
                 healthy = requests.get(f"http://127.0.0.1:{self.port}/health", timeout=1).ok
                 if healthy and len(self.worker_pids()) >= self.workers:
                     return
             time.sleep(0.1)
-        raise RuntimeError(f"the proxy did not serve within {timeout:g} s; see {self.log_path}")
+        raise RuntimeError(f"{self.pid} did not serve within {timeout:g} s; see {self.log_path}")
 
     def worker_pids(self) -> list[int]:
         return child_pids(self.pid)
@@ -244,11 +240,29 @@ class ProxyProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                print(f"the proxy {self.pid} did not stop in {timeout:g} s: killing it",
-                      file=sys.stderr)
+                print(f"{self.pid} did not stop in {timeout:g} s: killing it", file=sys.stderr)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.pid, signal.SIGKILL)  # its session: master and workers
         self.process.wait()
+
+
+class ProxyProcess(ServedProcess):
+    """A running `jupyter-kernel-proxy` in front of the benchmark's Jupyter server."""
+
+    def __init__(self, server: EmbeddedJupyterServer, workers: int, pool_size: int,
+                 log_path: Path) -> None:
+        self.pool_size = pool_size
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_")}
+        env["JUPYTER_TOKEN"] = server.token
+        # Its temporary files (the lock directory for this server) stay with its log.
+        env["TMPDIR"] = str(log_path.parent / "tmp")
+        os.makedirs(env["TMPDIR"], exist_ok=True)
+        command = [proxy_command(), "--server-url", server.url, "--host", "127.0.0.1",
+                   "--port", str(port), "--workers", str(workers),
+                   "--pool-size", str(pool_size),
+                   "--env-file", os.devnull]  # a developer's .env must not change the run
+        super().__init__(command, env, port, workers, log_path)
 
     def log_problems(self) -> dict[str, int]:
         """How many WARNING and ERROR lines the proxy logged."""
@@ -265,6 +279,20 @@ class ProxyProcess:
         return counts
 
 
+class FloorServer(ServedProcess):
+    """`bench/floor_app.py` behind gunicorn gthread: one worker with a proxy worker's default
+    threads, serving the same HTTP client as the proxy, for the cost of the hop alone."""
+
+    def __init__(self, log_path: Path) -> None:
+        port = free_port()
+        command = [sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
+                   "--workers", "1", "--threads", str(Settings().proxy_threads),
+                   "--bind", f"127.0.0.1:{port}", "--chdir", str(REPO / "bench"),
+                   "floor_app:app"]
+        env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
+        super().__init__(command, env, port, 1, log_path)
+
+
 def child_pids(parent: int) -> list[int]:
     """The pids of the processes whose parent is `parent` (Linux /proc)."""
     children = []
@@ -278,6 +306,15 @@ def child_pids(parent: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
             children.append(int(entry.name))
     return sorted(children)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes used so far, all their threads (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
 
 
 def rss_mib(pid: int) -> float:
@@ -454,18 +491,27 @@ def time_one(execute: Execute) -> float:
     return time.perf_counter() - started
 
 
-def measure_latency(clients: dict[str, Execute], warmup: int, iterations: int,
-                    block: int) -> dict[str, dict[str, Any]]:
-    """Latency of each client, measured in interleaved blocks after `warmup` runs each."""
+def measure_latency(clients: dict[str, Execute], warmup: int, iterations: int, block: int,
+                    cpu_clocks: dict[str, Callable[[], float]] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Latency of each client, measured in interleaved blocks after `warmup` runs each, and
+    the CPU time used per measured execution by what `cpu_clocks[name]` counts (by default the
+    client itself: this thread's CPU time). Clocks are read around blocks, not executions.
+    """
     for execute in clients.values():
         for _ in range(warmup):
             execute()
+    clocks = {name: (cpu_clocks or {}).get(name, time.thread_time) for name in clients}
     samples: dict[str, list[float]] = {name: [] for name in clients}
+    cpu = dict.fromkeys(clients, 0.0)
     while any(len(s) < iterations for s in samples.values()):
         for name, execute in clients.items():
+            before = clocks[name]()
             for _ in range(min(block, iterations - len(samples[name]))):
                 samples[name].append(time_one(execute))
-    return {name: summary_ms(s) for name, s in samples.items()}
+            cpu[name] += clocks[name]() - before
+    return {name: {**summary_ms(s), "cpu_ms": cpu[name] * 1000 / len(s)}
+            for name, s in samples.items()}
 
 
 @dataclass
@@ -620,8 +666,12 @@ def run_benchmark(args: argparse.Namespace, cleanup: contextlib.ExitStack,
     zmq = ZmqClient()
     cleanup.callback(zmq.close)
 
-    results["latency"] = latency_phase(args, server, proxy, kernels[:3], zmq, cleanup)
+    floor = FloorServer(log_dir / "floor.log")
+    cleanup.callback(floor.stop)
+    floor.wait_until_serving()
+    results["latency"] = latency_phase(args, server, proxy, floor, kernels[:3], zmq, cleanup)
     zmq.close()
+    floor.stop()
     results["throughput"] = throughput_phase(args, server, proxy, kernels[3:], stop)
     for kernel_id in kernels:
         rest.shutdown_kernel(kernel_id)
@@ -668,12 +718,17 @@ def start_kernels(server: EmbeddedJupyterServer, rest: JupyterRest, count: int,
 
 
 def latency_phase(args: argparse.Namespace, server: EmbeddedJupyterServer, proxy: ProxyProcess,
-                  kernel_ids: list[str], zmq: ZmqClient,
+                  floor: FloorServer, kernel_ids: list[str], zmq: ZmqClient,
                   cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    """The CPU time of the proxy and of the floor is that of their gunicorn workers; of the
+    direct clients, their own."""
     log(f"latency: {args.warmup} warm-up + {args.iterations} measured executions per client")
     proxy_kernel, json_kernel, v1_kernel = kernel_ids
     http_client = ProxyHttpClient(proxy.port)
     cleanup.callback(http_client.close)
+    floor_client = ProxyHttpClient(floor.port)
+    cleanup.callback(floor_client.close)
+    proxy_workers, floor_workers = proxy.worker_pids(), floor.worker_pids()
     json_client = DirectWebsocketClient(server, json_kernel)
     cleanup.callback(json_client.close)
     v1_client = DirectWebsocketClient(server, v1_kernel, v1=True)
@@ -683,8 +738,12 @@ def latency_phase(args: argparse.Namespace, server: EmbeddedJupyterServer, proxy
         "direct_websocket": checked(json_client.execute),
         "direct_websocket_v1": checked(v1_client.execute),
         "zmq": checked(zmq.execute),
-    }, args.warmup, args.iterations, args.block)
+        "floor": checked(lambda: floor_client.execute(proxy_kernel)),
+    }, args.warmup, args.iterations, args.block, cpu_clocks={
+        "proxy": lambda: cpu_seconds(proxy_workers),
+        "floor": lambda: cpu_seconds(floor_workers)})
     http_client.close()
+    floor_client.close()
     json_client.close()
     v1_client.close()
     latency["proxy"]["inside"] = proxy_time_inside(proxy.log_path, proxy_kernel, args.warmup)
@@ -837,6 +896,21 @@ def report(results: dict[str, Any]) -> str:
         f"| Flask around it (validation, JSON answer, request log) "
         f"| {ms(inside['request_p50'] - inside['code_executed_p50'])} |",
         f"| gunicorn, HTTP and the client | {ms(lat['proxy']['p50'] - inside['request_p50'])} |",
+        "",
+        "CPU time per execution, and the HTTP hop alone (same run, same HTTP client: "
+        "`bench/floor_app.py`, a minimal Flask app behind gunicorn gthread that answers a fixed "
+        "result, no kernel):",
+        "",
+        "| | p50 | CPU per execution |",
+        "|---|---|---|",
+        f"| proxy (its gunicorn workers) | {ms(lat['proxy']['p50'])} "
+        f"| {ms(lat['proxy']['cpu_ms'])} |",
+        f"| direct websocket, JSON (the client itself) | {ms(lat['direct_websocket']['p50'])} "
+        f"| {ms(lat['direct_websocket']['cpu_ms'])} |",
+        f"| direct websocket, v1 (the client itself) | {ms(lat['direct_websocket_v1']['p50'])} "
+        f"| {ms(lat['direct_websocket_v1']['cpu_ms'])} |",
+        f"| the HTTP hop alone (its gunicorn worker) | {ms(lat['floor']['p50'])} "
+        f"| {ms(lat['floor']['cpu_ms'])} |",
         "",
         "| target (issue 4), against the JSON client | measured | goal | met "
         "| against the v1 client |",

@@ -21,10 +21,13 @@ def test_benchmark_runs_end_to_end_and_reports_every_measurement(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     for row in ("execute latency p50", "throughput", "start_kernel + first result",
-                "RSS per worker at rest", "proxy p50 / direct websocket p50", "Machine:"):
+                "RSS per worker at rest", "the HTTP hop alone", "proxy p50 / direct websocket p50",
+                "Machine:"):
         assert row in done.stdout, row
     results = json.loads(raw.read_text())
-    assert set(results["latency"]) == {"proxy", "direct_websocket", "direct_websocket_v1", "zmq"}
+    assert set(results["latency"]) == {"proxy", "direct_websocket", "direct_websocket_v1", "zmq",
+                                       "floor"}
+    assert all(client["cpu_ms"] >= 0 for client in results["latency"].values())
     assert all(value > 0 for value in results["throughput"].values())
     assert results["ratios"]["pooled_start_median_ms"] > 0
     assert results["proxy_log_problems"] == {"proxy": {"WARNING": 0, "ERROR": 0},
