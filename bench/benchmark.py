@@ -915,11 +915,11 @@ def report(results: dict[str, Any]) -> str:
         "| target (issue 4), against the JSON client | measured | goal | met "
         "| against the v1 client |",
         "|---|---|---|---|---|",
-        f"| proxy p50 / direct websocket p50 | {latency_ratio:.2f} | <= {TARGET_LATENCY_RATIO} "
-        f"| {verdict(latency_ratio <= TARGET_LATENCY_RATIO)} | {latency_ratio_v1:.2f} |",
-        f"| proxy throughput / direct websocket throughput | {throughput_ratio:.2f} "
+        f"| proxy p50 / direct websocket p50 | {latency_ratio:.3f} | <= {TARGET_LATENCY_RATIO} "
+        f"| {verdict(latency_ratio <= TARGET_LATENCY_RATIO)} | {latency_ratio_v1:.3f} |",
+        f"| proxy throughput / direct websocket throughput | {throughput_ratio:.3f} "
         f"| >= {TARGET_THROUGHPUT_RATIO} "
-        f"| {verdict(throughput_ratio >= TARGET_THROUGHPUT_RATIO)} | {throughput_ratio_v1:.2f} |",
+        f"| {verdict(throughput_ratio >= TARGET_THROUGHPUT_RATIO)} | {throughput_ratio_v1:.3f} |",
         f"| pooled start_kernel + first result, median | {ms(pooled_median)} "
         f"| < {TARGET_POOLED_START_MS:g} ms | {verdict(pooled_median < TARGET_POOLED_START_MS)} "
         "| - |",
