@@ -62,7 +62,8 @@ def test_a_dead_pooled_kernel_is_never_handed_out():
     assert pool.wait_until_full(5)
     server.dead.add("k1")
     assert pool.take("python3")["id"] == "k2"
-    pool.close()
+    pool.close()  # waits for the dropped kernel's shutdown, which runs in the background
+    assert "k1" in server.shut_down
 
 
 def test_other_kernel_specs_are_not_served_from_the_pool():
@@ -258,6 +259,33 @@ def test_pooled_kernel_shut_down_elsewhere_is_not_handed_out(settings):
         assert kernel["id"] != pooled
         assert manager.execute_code(kernel["id"], "3")["status"] == "ok"
         manager.shutdown_kernel(kernel["id"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_pooled_kernel_that_no_longer_answers_is_not_handed_out(settings, signum):
+    """Killed (before the server noticed) or hung, a pooled kernel still looks alive to the
+    server and its websocket; handed out, the client's first execution would fail or hang."""
+    with JupyterClient(settings) as client, KernelManager(client, pool_size=1) as manager:
+        assert manager._pool.wait_until_full(60)
+        pooled = manager._pool._ready[0]["id"]
+        pid = int(manager.execute_code(pooled, "import os; os.getpid()")["outputs"][0]
+                  ["data"]["text/plain"])
+        os.kill(pid, signum)
+        try:
+            started = time.monotonic()
+            kernel = manager.start_kernel()
+            assert kernel["id"] != pooled
+            assert time.monotonic() - started < 30  # not held up by the hung kernel's shutdown
+            assert manager.execute_code(kernel["id"], "3")["outputs"][0]["data"] == \
+                {"text/plain": "3"}
+            manager.shutdown_kernel(kernel["id"])
+        finally:
+            if signum == signal.SIGSTOP:
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pooled in {k["id"] for k in client.list_kernels()}:
+            assert time.monotonic() < deadline, "the dropped kernel was not shut down"
+            time.sleep(0.2)
 
 
 def kernels_of(server) -> set[str]:

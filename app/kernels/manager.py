@@ -56,6 +56,7 @@ _log = StructuredLogger(__name__)
 CONTROL_CONNECT_SECONDS = 2.0  # per connection attempt of an execution's REST questions
 READY_PROBE_SECONDS = 0.5  # a kernel that replied but published no status is asked again
 READY_IOPUB_SECONDS = 3.0  # after its reply, how long a kernel's status is awaited at most
+ALIVE_PROBE_SECONDS = 1.0  # how long a pooled kernel has to answer before it is handed out
 
 
 def check_kernel_id(kernel_id: str) -> str:
@@ -242,15 +243,16 @@ class KernelManager:
         return model
 
     def _is_alive(self, kernel_id: str) -> bool:
-        """True if the kernel still answers: its warm channel is clean, or one can be opened."""
-        channel = self._channels.take(kernel_id)
-        if channel is None:
-            try:
-                channel = self.client.open_channel(kernel_id)
-            except KernelError:
-                return False
-        self._channels.give(channel)
-        return True
+        """True if the kernel answers a `kernel_info_request` within `ALIVE_PROBE_SECONDS`, on
+        its warm websocket (or a new one), which stays warm for the first execution. An open
+        websocket is not enough: a killed kernel looks alive until the server's restarter
+        polls it (every few seconds), and a hung one for ever.
+        """
+        try:
+            return wait_until_ready(self.client, self._channels, kernel_id,
+                                    time.monotonic() + ALIVE_PROBE_SECONDS, warm_channel=True)
+        except KernelError:
+            return False
 
     def execute_code(self, kernel_id: str, code: str, timeout: float | None = None, *,
                      poll: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -541,9 +543,10 @@ def _after_fork(manager_ref: weakref.ref) -> None:
 
 
 def wait_until_ready(client: JupyterClient, channels: ChannelCache, kernel_id: str,
-                     deadline: float) -> bool:
+                     deadline: float, *, warm_channel: bool = False) -> bool:
     """Whether the kernel answered a `kernel_info_request` on a new websocket before `deadline`
-    (the websocket is then kept warm for the next execution).
+    (the websocket is then kept warm for the next execution); with `warm_channel`, on the
+    kernel's warm websocket if it has one.
 
     Ready means its reply came and its output reaches this websocket: a status message of
     the request arrived on iopub. Right after a start or restart the server's subscription
@@ -552,7 +555,9 @@ def wait_until_ready(client: JupyterClient, channels: ChannelCache, kernel_id: s
     reply the request is sent again every `READY_PROBE_SECONDS` until a status comes; a
     kernel that never publishes one counts as ready `READY_IOPUB_SECONDS` after its reply.
     """
-    channel = client.open_channel(kernel_id, timeout=max(deadline - time.monotonic(), 0.1))
+    channel = channels.take(kernel_id) if warm_channel else None
+    if channel is None:
+        channel = client.open_channel(kernel_id, timeout=max(deadline - time.monotonic(), 0.1))
     try:
         asked: set[str] = set()
         replied_at: float | None = None

@@ -1,11 +1,11 @@
 """A pool of ready kernels: started ahead of need, so that `start_kernel` answers at once.
 
 Each process (gunicorn worker) keeps up to `size` ready kernels of the default kernel spec; a
-request for another spec starts its kernel as usual. A kernel is handed out only after a check
-that it is still alive, and the pool refills in the background. Closing the pool shuts its
-kernels down; the kernels of a pool whose process died without closing it (SIGKILL, the OOM
-killer, gunicorn killing a stuck worker) are shut down by the next pool to start on the host
-(`PoolLedger`).
+request for another spec starts its kernel as usual. A kernel is handed out only after it
+answered a request (a killed or hung one does not), and the pool refills in the background.
+Closing the pool shuts its kernels down; the kernels of a pool whose process died without
+closing it (SIGKILL, the OOM killer, gunicorn killing a stuck worker) are shut down by the next
+pool to start on the host (`PoolLedger`).
 
 Lock story: one condition variable guards the list of ready kernels, the kernel being started
 and the ledger. Takers pop under it and never wait; the one filler thread starts kernels
@@ -55,6 +55,7 @@ class KernelPool:
         self._changed = threading.Condition()
         self._closed = False
         self._filler: threading.Thread | None = None
+        self._dropping: list[threading.Thread] = []  # shutting down kernels that did not answer
 
     def take(self, kernel_name: str) -> dict[str, Any] | None:
         """A ready, living kernel of `kernel_name`, or None if the pool has none."""
@@ -72,7 +73,7 @@ class KernelPool:
                 return kernel
             log.warning("dropped a pooled kernel that does not answer", extra={
                 "context": {"kernel_id": kernel["id"]}})
-            self._shutdown_quietly(kernel["id"])  # it may only be unreachable: never leak it
+            self._drop(kernel["id"])
 
     def __len__(self) -> int:
         with self._changed:
@@ -93,13 +94,15 @@ class KernelPool:
             self._closed = True
             kernels, self._ready = self._ready, []
             self._changed.notify_all()
-            filler = self._filler
+            filler, dropping = self._filler, self._dropping
         for kernel in kernels:
             self._shutdown_quietly(kernel["id"])
         if filler is not None and filler is not threading.current_thread():
             filler.join(timeout)  # it shuts down the kernel it was starting
             if filler.is_alive():
                 log.warning("a kernel the pool was starting may be left running")
+        for thread in dropping:
+            thread.join(timeout)
         if self._ledger is not None:
             with self._changed:  # a start still under way stays listed, for the next pool
                 self._ledger.close(starting=self._starting)
@@ -108,6 +111,17 @@ class KernelPool:
         """In a forked child: the parent's ready kernels and their list stay the parent's."""
         if self._ledger is not None:
             self._ledger.forget_inherited()
+
+    def _drop(self, kernel_id: str) -> None:
+        """Shuts down a kernel that did not answer (it may only be unreachable: never leak it),
+        in the background: the server gives a hung kernel seconds to go before it kills it,
+        which is not the time of whoever asked for a kernel. `close()` waits for it."""
+        dropping = threading.Thread(target=self._shutdown_quietly, args=(kernel_id,),
+                                    daemon=True, name="kernel-pool-drop")
+        with self._changed:
+            self._dropping = [thread for thread in self._dropping if thread.is_alive()]
+            self._dropping.append(dropping)
+        dropping.start()
 
     def _shutdown_quietly(self, kernel_id: str, starting: bool = False) -> None:
         try:
