@@ -54,11 +54,11 @@ def v1_frame(msg: dict, *buffers: bytes, channel: str = "iopub") -> bytes:
 
 # -- requests --------------------------------------------------------------------------------
 
-def test_execute_request_never_offers_stdin_and_stops_on_error():
+def test_execute_request_never_offers_stdin_nor_aborts_what_follows_an_error():
     request = protocol.execute_request("print(1)", SESSION)
     assert request["content"]["code"] == "print(1)"
     assert request["content"]["allow_stdin"] is False
-    assert request["content"]["stop_on_error"] is True
+    assert request["content"]["stop_on_error"] is False
     assert request["content"]["silent"] is False
 
 

@@ -73,6 +73,22 @@ def test_leaving_an_execution_early_interrupts_the_code(manager, kernel):
     assert after["outputs"][0]["data"]["text/plain"] == "'yes'"
 
 
+def test_the_execution_after_an_error_runs(manager, kernel):
+    """ipykernel aborts the execute requests that reach it in a short window after one failed
+    (a queue of notebook cells stops at an error). The proxy runs a kernel's executions one at
+    a time, so the next one is sent only once the failed one's answer came: it must run, not
+    come back `aborted` (as it did under load, after an interrupted one). The window is
+    widened here so that the race is certain where the kernel honours `stop_on_error_timeout`
+    (ipykernel 6; ipykernel 7 without its shell channel thread, as Enterprise Gateway
+    launches it)."""
+    failed = manager.execute_code(
+        kernel, "get_ipython().kernel.stop_on_error_timeout = 5.0\n1 / 0")
+    assert failed["status"] == "error", failed
+    after = manager.execute_code(kernel, "'ran'", timeout=10)
+    assert after["status"] == "ok", after
+    assert after["outputs"][0]["data"]["text/plain"] == "'ran'"
+
+
 def test_kernel_env_reaches_kernels_of_a_gateway(jupyter_server, settings):
     """JUPYTER_KERNEL_ENV goes with every start; gateways hand it to the kernel,
     jupyter_server ignores it.

@@ -63,6 +63,12 @@ def execute_request(code: str, session_id: str, silent: bool = False) -> dict[st
     """An `execute_request` that never offers stdin, so `input()` fails instead of hanging.
 
     A `silent` one leaves no trace: no output, no history, no execution count.
+
+    It does not `stop_on_error`: after a failed request ipykernel aborts the execute requests
+    that reach it before it has processed its own "stop aborting" step (a queue of notebook
+    cells stops at an error). The proxy sends a kernel's executions one at a time, the next
+    only once the failed one's answer came, yet on a busy machine that next one could still
+    arrive first and come back `aborted` without running.
     """
     return new_message("execute_request", {
         "code": code,
@@ -70,7 +76,7 @@ def execute_request(code: str, session_id: str, silent: bool = False) -> dict[st
         "store_history": not silent,
         "user_expressions": {},
         "allow_stdin": False,
-        "stop_on_error": True,
+        "stop_on_error": False,
     }, session_id)
 
 
