@@ -106,6 +106,44 @@ def test_the_ledger_lists_ready_kernels_and_never_one_handed_out(tmp_path):
     assert list(tmp_path.iterdir()) == []  # closed cleanly: nothing left for anyone to reap
 
 
+def test_a_dropped_kernel_goes_in_the_background_and_stays_listed_until_gone(tmp_path):
+    server = FakeServer()
+    shutting_down, release = Event(), Event()
+
+    def slow_shutdown(kernel_id: str, starting: bool = False) -> None:
+        shutting_down.set()
+        release.wait(10)  # a hung kernel: the server waits before it kills it
+        server.shutdown(kernel_id, starting)
+
+    pool = KernelPool(2, "python3", server.start, server.alive, slow_shutdown,
+                      PoolLedger(tmp_path))
+    assert pool.wait_until_full(5)
+    server.dead.add("k1")
+    assert pool.take("python3")["id"] == "k2"  # not held up by k1's shutdown
+    assert shutting_down.wait(5)
+    assert "k1" in listed(tmp_path)  # were this process killed now, the next pool reaps it
+    release.set()
+    deadline = time.monotonic() + 5
+    while "k1" in listed(tmp_path):
+        assert time.monotonic() < deadline, "a kernel shut down stays listed"
+        time.sleep(0.01)
+    assert server.shut_down == ["k1"]
+    pool.close()
+
+
+def test_a_drop_still_going_at_close_is_left_listed_for_the_next_pool(tmp_path):
+    server = FakeServer()
+    release = Event()
+    pool = KernelPool(2, "python3", server.start, server.alive,
+                      lambda kernel_id, starting=False: release.wait(10), PoolLedger(tmp_path))
+    assert pool.wait_until_full(5)
+    server.dead.add("k1")
+    assert pool.take("python3")["id"] == "k2"
+    pool.close(timeout=0.2)
+    assert "k1" in listed(tmp_path)
+    release.set()
+
+
 def test_a_living_pools_kernels_are_never_reaped(tmp_path):
     server = FakeServer(own_ids=True)
     pool = pool_of(1, server, PoolLedger(tmp_path))

@@ -56,7 +56,7 @@ _log = StructuredLogger(__name__)
 CONTROL_CONNECT_SECONDS = 2.0  # per connection attempt of an execution's REST questions
 READY_PROBE_SECONDS = 0.5  # a kernel that replied but published no status is asked again
 READY_IOPUB_SECONDS = 3.0  # after its reply, how long a kernel's status is awaited at most
-ALIVE_PROBE_SECONDS = 1.0  # how long a pooled kernel has to answer before it is handed out
+ALIVE_PROBE_SECONDS = 2.0  # how long a pooled kernel has to answer before it is handed out
 
 
 def check_kernel_id(kernel_id: str) -> str:
@@ -243,12 +243,15 @@ class KernelManager:
         return model
 
     def _is_alive(self, kernel_id: str) -> bool:
-        """True if the kernel answers a `kernel_info_request` within `ALIVE_PROBE_SECONDS`, on
-        its warm websocket (or a new one), which stays warm for the first execution. An open
-        websocket is not enough: a killed kernel looks alive until the server's restarter
-        polls it (every few seconds), and a hung one for ever.
+        """True if the kernel answers a `kernel_info_request` within `ALIVE_PROBE_SECONDS` (a
+        few ms when it is well), on its warm websocket, or on a new one (opened within the
+        usual connect timeout), which stays warm for the first execution. An open websocket is
+        not enough: a killed kernel looks alive until the server's restarter polls it (every
+        few seconds), and a hung one for ever.
         """
         try:
+            self._channels.give(self._channels.take(kernel_id)
+                                or self.client.open_channel(kernel_id))
             return wait_until_ready(self.client, self._channels, kernel_id,
                                     time.monotonic() + ALIVE_PROBE_SECONDS, warm_channel=True)
         except KernelError:

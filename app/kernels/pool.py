@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -55,7 +56,8 @@ class KernelPool:
         self._changed = threading.Condition()
         self._closed = False
         self._filler: threading.Thread | None = None
-        self._dropping: list[threading.Thread] = []  # shutting down kernels that did not answer
+        # Kernels that did not answer, being shut down in the background; listed meanwhile.
+        self._dropping: dict[str, threading.Thread] = {}
 
     def take(self, kernel_name: str) -> dict[str, Any] | None:
         """A ready, living kernel of `kernel_name`, or None if the pool has none."""
@@ -87,25 +89,26 @@ class KernelPool:
                                           timeout)
 
     def close(self, timeout: float = 15.0) -> None:
-        """Stops refilling and shuts the ready kernels down, and the one being started (waiting
-        up to `timeout` for it); safe to call twice.
+        """Stops refilling and shuts the ready kernels down, and the one being started and
+        those being dropped (waiting up to `timeout` in all for them); safe to call twice.
         """
+        deadline = time.monotonic() + timeout
         with self._changed:
             self._closed = True
             kernels, self._ready = self._ready, []
             self._changed.notify_all()
-            filler, dropping = self._filler, self._dropping
+            filler, dropping = self._filler, list(self._dropping.values())
         for kernel in kernels:
             self._shutdown_quietly(kernel["id"])
         if filler is not None and filler is not threading.current_thread():
-            filler.join(timeout)  # it shuts down the kernel it was starting
+            filler.join(max(deadline - time.monotonic(), 0))  # it shuts down what it started
             if filler.is_alive():
                 log.warning("a kernel the pool was starting may be left running")
         for thread in dropping:
-            thread.join(timeout)
+            thread.join(max(deadline - time.monotonic(), 0))
         if self._ledger is not None:
-            with self._changed:  # a start still under way stays listed, for the next pool
-                self._ledger.close(starting=self._starting)
+            with self._changed:  # what is still going stays listed, for the next pool
+                self._ledger.close(starting=self._starting, left=list(self._dropping))
 
     def forget_inherited(self) -> None:
         """In a forked child: the parent's ready kernels and their list stay the parent's."""
@@ -115,13 +118,28 @@ class KernelPool:
     def _drop(self, kernel_id: str) -> None:
         """Shuts down a kernel that did not answer (it may only be unreachable: never leak it),
         in the background: the server gives a hung kernel seconds to go before it kills it,
-        which is not the time of whoever asked for a kernel. `close()` waits for it."""
-        dropping = threading.Thread(target=self._shutdown_quietly, args=(kernel_id,),
-                                    daemon=True, name="kernel-pool-drop")
+        which is not the time of whoever asked for a kernel. It stays in the ledger until it
+        is gone, and `close()` waits for it."""
         with self._changed:
-            self._dropping = [thread for thread in self._dropping if thread.is_alive()]
-            self._dropping.append(dropping)
-        dropping.start()
+            closed = self._closed
+            if not closed:
+                self._dropping[kernel_id] = dropping = threading.Thread(
+                    target=self._finish_drop, args=(kernel_id,), daemon=True,
+                    name="kernel-pool-drop")
+                self._record()
+        if closed:
+            self._shutdown_quietly(kernel_id)
+        else:
+            dropping.start()
+
+    def _finish_drop(self, kernel_id: str) -> None:
+        try:
+            self._shutdown_quietly(kernel_id)
+        finally:
+            with self._changed:
+                del self._dropping[kernel_id]
+                if not self._closed:
+                    self._record()
 
     def _shutdown_quietly(self, kernel_id: str, starting: bool = False) -> None:
         try:
@@ -182,7 +200,8 @@ class KernelPool:
     def _record(self) -> None:
         """Writes the pool's kernels to its ledger (under `_changed`)."""
         if self._ledger is not None:
-            self._ledger.record([kernel["id"] for kernel in self._ready], self._starting)
+            self._ledger.record([*(kernel["id"] for kernel in self._ready), *self._dropping],
+                                self._starting)
 
 
 class PoolLedger:
@@ -232,11 +251,12 @@ class PoolLedger:
                         "their list cannot be kept", extra={"context": {"reason": str(err)}})
             self._drop()
 
-    def close(self, starting: str | None = None) -> None:
-        """Lets the file go for good: removed, or, with a kernel still `starting`, unlocked
-        and listing it for a later `reap`."""
-        if starting and self._fd is not None:
-            self.record([], starting)  # (a failure drops the file)
+    def close(self, starting: str | None = None, left: Iterable[str] = ()) -> None:
+        """Lets the file go for good: removed, or, with a kernel still `starting` or others
+        `left` (still being shut down), unlocked and listing them for a later `reap`."""
+        left = list(left)
+        if (starting or left) and self._fd is not None:
+            self.record(left, starting)  # (a failure drops the file)
             if self._fd is not None:
                 os.close(self._fd)  # unlocked: the next pool's `reap` takes it
                 self._fd = self._path = None
