@@ -13,8 +13,9 @@ It starts everything it measures and stops everything it started, on Ctrl-C and 
   second one with `--pool-size 2` for the pool measurement; their JSON logs go to temporary
   files whose paths are printed at the end;
 - a kernel of its own for `jupyter_client` over ZMQ;
-- `bench/floor_app.py` behind gunicorn gthread (one worker): a minimal Flask app that answers
-  `POST /execute_code` with a fixed result and no kernel, for the cost of the HTTP hop alone.
+- `bench/floor_app.py`, a minimal Flask app that answers `POST /execute_code` with a fixed
+  result and no kernel, served with the proxy's gunicorn settings (one worker, gunicorn's own
+  gthread worker class), for the cost of the HTTP hop alone.
 
 What it measures, on warm kernels, executing `1+1`:
 
@@ -76,13 +77,11 @@ sys.path.insert(0, str(REPO))  # `python bench/benchmark.py` puts bench/, not th
 from app.embedded import EmbeddedJupyterServer, free_port  # noqa: E402
 from app.kernels import protocol  # noqa: E402
 from app.logs import StructuredLogger  # noqa: E402
-from app.settings import Settings  # noqa: E402
 
 CODE = "1+1"
 EXPECTED = "2"
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of the CPU times in /proc
 REQUEST_TIMEOUT = 60.0
 TARGET_LATENCY_RATIO = 1.25
 TARGET_THROUGHPUT_RATIO = 1.0
@@ -202,14 +201,15 @@ class JupyterRest:
 class ServedProcess:
     """A gunicorn server the benchmark started (in a session of its own), logging to a file."""
 
-    def __init__(self, command: list[str], env: dict[str, str], port: int, workers: int,
-                 log_path: Path) -> None:
+    def __init__(self, name: str, command: list[str], env: dict[str, str], cwd: Path,
+                 port: int, workers: int, log_path: Path) -> None:
+        self.name = name
         self.port = port
         self.workers = workers
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                command, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # our Ctrl-C is ours: stop() stops it in order
                 preexec_fn=die_with_parent)
 
@@ -222,13 +222,14 @@ class ServedProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.pid} exited at start-up; see {self.log_path}")
+                raise RuntimeError(f"{self.name} exited at start-up; see {self.log_path}")
             with contextlib.suppress(requests.RequestException):
                 healthy = requests.get(f"http://127.0.0.1:{self.port}/health", timeout=1).ok
                 if healthy and len(self.worker_pids()) >= self.workers:
                     return
             time.sleep(0.1)
-        raise RuntimeError(f"{self.pid} did not serve within {timeout:g} s; see {self.log_path}")
+        raise RuntimeError(f"{self.name} did not serve within {timeout:g} s; "
+                           f"see {self.log_path}")
 
     def worker_pids(self) -> list[int]:
         return child_pids(self.pid)
@@ -240,7 +241,8 @@ class ServedProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                print(f"{self.pid} did not stop in {timeout:g} s: killing it", file=sys.stderr)
+                print(f"{self.name} ({self.pid}) did not stop in {timeout:g} s: killing it",
+                      file=sys.stderr)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.pid, signal.SIGKILL)  # its session: master and workers
         self.process.wait()
@@ -262,7 +264,7 @@ class ProxyProcess(ServedProcess):
                    "--port", str(port), "--workers", str(workers),
                    "--pool-size", str(pool_size),
                    "--env-file", os.devnull]  # a developer's .env must not change the run
-        super().__init__(command, env, port, workers, log_path)
+        super().__init__("the proxy", command, env, REPO, port, workers, log_path)
 
     def log_problems(self) -> dict[str, int]:
         """How many WARNING and ERROR lines the proxy logged."""
@@ -280,17 +282,20 @@ class ProxyProcess(ServedProcess):
 
 
 class FloorServer(ServedProcess):
-    """`bench/floor_app.py` behind gunicorn gthread: one worker with a proxy worker's default
-    threads, serving the same HTTP client as the proxy, for the cost of the hop alone."""
+    """`bench/floor_app.py` served as the proxy is (its `gunicorn.conf.py` with the default
+    settings: threads, keep-alive, JSON logs) but by gunicorn's own gthread worker and one
+    worker process, for the cost of the hop alone."""
 
     def __init__(self, log_path: Path) -> None:
         port = free_port()
-        command = [sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
-                   "--workers", "1", "--threads", str(Settings().proxy_threads),
-                   "--bind", f"127.0.0.1:{port}", "--chdir", str(REPO / "bench"),
-                   "floor_app:app"]
-        env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
-        super().__init__(command, env, port, 1, log_path)
+        command = [sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py"),
+                   "--worker-class", "gthread", "--workers", "1",
+                   "--bind", f"127.0.0.1:{port}", "floor_app:app"]
+        # Run from bench/ (floor_app, and no developer's .env) with no settings of ours.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("JUPYTER_") and k != "GUNICORN_CMD_ARGS"}
+        super().__init__("the minimal Flask app", command, env, REPO / "bench", port, 1,
+                         log_path)
 
 
 def child_pids(parent: int) -> list[int]:
@@ -309,12 +314,14 @@ def child_pids(parent: int) -> list[int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) the processes used so far, all their threads (Linux /proc)."""
+    """CPU time the processes' living threads used so far, in nanoseconds (Linux
+    /proc/<pid>/task/<tid>/schedstat; /proc/<pid>/stat counts in 10 ms ticks)."""
     total = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def rss_mib(pid: int) -> float:
@@ -494,24 +501,27 @@ def time_one(execute: Execute) -> float:
 def measure_latency(clients: dict[str, Execute], warmup: int, iterations: int, block: int,
                     cpu_clocks: dict[str, Callable[[], float]] | None = None
                     ) -> dict[str, dict[str, Any]]:
-    """Latency of each client, measured in interleaved blocks after `warmup` runs each, and
-    the CPU time used per measured execution by what `cpu_clocks[name]` counts (by default the
-    client itself: this thread's CPU time). Clocks are read around blocks, not executions.
+    """Latency of each client, measured in interleaved blocks after `warmup` runs each, and,
+    for the clients in `cpu_clocks`, the CPU time per measured execution that their clock
+    counts (read around blocks, not executions).
     """
     for execute in clients.values():
         for _ in range(warmup):
             execute()
-    clocks = {name: (cpu_clocks or {}).get(name, time.thread_time) for name in clients}
+    clocks = cpu_clocks or {}
     samples: dict[str, list[float]] = {name: [] for name in clients}
-    cpu = dict.fromkeys(clients, 0.0)
+    cpu = dict.fromkeys(clocks, 0.0)
     while any(len(s) < iterations for s in samples.values()):
         for name, execute in clients.items():
-            before = clocks[name]()
+            before = clocks[name]() if name in clocks else 0.0
             for _ in range(min(block, iterations - len(samples[name]))):
                 samples[name].append(time_one(execute))
-            cpu[name] += clocks[name]() - before
-    return {name: {**summary_ms(s), "cpu_ms": cpu[name] * 1000 / len(s)}
-            for name, s in samples.items()}
+            if name in clocks:
+                cpu[name] += clocks[name]() - before
+    results = {name: summary_ms(s) for name, s in samples.items()}
+    for name, used in cpu.items():
+        results[name]["cpu_ms"] = used * 1000 / len(samples[name])
+    return results
 
 
 @dataclass
@@ -741,7 +751,9 @@ def latency_phase(args: argparse.Namespace, server: EmbeddedJupyterServer, proxy
         "floor": checked(lambda: floor_client.execute(proxy_kernel)),
     }, args.warmup, args.iterations, args.block, cpu_clocks={
         "proxy": lambda: cpu_seconds(proxy_workers),
-        "floor": lambda: cpu_seconds(floor_workers)})
+        "floor": lambda: cpu_seconds(floor_workers),
+        # The direct clients run in this thread (the ZMQ one also in libzmq's: not counted).
+        "direct_websocket": time.thread_time, "direct_websocket_v1": time.thread_time})
     http_client.close()
     floor_client.close()
     json_client.close()
@@ -898,8 +910,8 @@ def report(results: dict[str, Any]) -> str:
         f"| gunicorn, HTTP and the client | {ms(lat['proxy']['p50'] - inside['request_p50'])} |",
         "",
         "CPU time per execution, and the HTTP hop alone (same run, same HTTP client: "
-        "`bench/floor_app.py`, a minimal Flask app behind gunicorn gthread that answers a fixed "
-        "result, no kernel):",
+        "`bench/floor_app.py`, a minimal Flask app that answers a fixed result, no kernel, "
+        "served with the proxy's gunicorn settings by gunicorn's gthread worker):",
         "",
         "| | p50 | CPU per execution |",
         "|---|---|---|",
