@@ -133,6 +133,25 @@ def test_crash_ends_a_stream_with_a_crashed_result(proxy, kernel_id):
     assert execute(proxy, kernel_id, "1 + 1")["status"] == "ok"
 
 
+def test_past_the_output_cap_only_the_result_line_comes(jupyter_server):
+    with proxy_for(jupyter_server, "--workers", "1",
+                   env={"JUPYTER_MAX_OUTPUT_BYTES": "20000"}) as capped:
+        kernel = requests.post(f"{capped.url}/start_kernel", timeout=120).json()["id"]
+        try:
+            lines = [line for _, line in stream(capped, {
+                "id": kernel,
+                "code": "for i in range(300): print('x' * 100, flush=True)\n1 / 0"})]
+        finally:
+            requests.post(f"{capped.url}/shutdown_kernel", json={"id": kernel}, timeout=60)
+    kinds = [line["type"] for line in lines]
+    assert kinds[0] == "stdout" and kinds[-1] == "result", kinds
+    assert "error" not in kinds  # past the cap, as every other line
+    result = lines[-1]
+    assert result["truncated"] is True
+    assert result["status"] == "error" and result["error"]["ename"] == "ZeroDivisionError"
+    assert 0 < len(result["stdout"]) < 20000
+
+
 def test_errors_before_the_stream_starts_are_ordinary_json_errors(proxy, kernel_id):
     unknown = requests.post(f"{proxy.url}/execute_code", timeout=60, json={
         "id": "0b0c4f8e-7d41-4d5c-9a53-2f8a1c6b9e10", "code": "1", "stream": True})
