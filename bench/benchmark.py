@@ -314,8 +314,8 @@ def child_pids(parent: int) -> list[int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """CPU time the processes' living threads used so far, in nanoseconds (Linux
-    /proc/<pid>/task/<tid>/schedstat; /proc/<pid>/stat counts in 10 ms ticks)."""
+    """CPU time the processes' living threads used so far, in seconds (Linux: read in
+    nanoseconds from /proc/<pid>/task/<tid>/schedstat; /proc/<pid>/stat counts 10 ms ticks)."""
     total = 0
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():
