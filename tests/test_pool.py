@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -86,10 +87,12 @@ def test_closing_shuts_the_ready_kernels_down():
 
 # -- the ledger: pooled kernels of a process that died -------------------------------------
 
-def listed(directory: Path) -> set[str]:
-    """Every kernel id the ledgers in `directory` list."""
-    return {line.split()[0] for path in directory.glob(PoolLedger.PATTERN)
-            for line in path.read_text().splitlines()}
+def listed(directory: Path, pool: KernelPool | None = None) -> set[str]:
+    """Every kernel id the ledgers in `directory` list. A ledger is emptied before each write:
+    while its `pool` may be writing (refilling, dropping), it is read under the pool's lock."""
+    with pool._changed if pool is not None else contextlib.nullcontext():
+        return {line.split()[0] for path in directory.glob(PoolLedger.PATTERN)
+                for line in path.read_text().splitlines()}
 
 
 def test_the_ledger_lists_ready_kernels_and_never_one_handed_out(tmp_path):
@@ -99,7 +102,7 @@ def test_the_ledger_lists_ready_kernels_and_never_one_handed_out(tmp_path):
     ready = {kernel["id"] for kernel in pool._ready}
     assert listed(tmp_path) == ready
     taken = pool.take("python3")["id"]
-    assert taken not in listed(tmp_path)
+    assert taken not in listed(tmp_path, pool)
     assert pool.wait_until_full(5)
     assert listed(tmp_path) == {kernel["id"] for kernel in pool._ready}
     pool.close()
@@ -121,10 +124,10 @@ def test_a_dropped_kernel_goes_in_the_background_and_stays_listed_until_gone(tmp
     server.dead.add("k1")
     assert pool.take("python3")["id"] == "k2"  # not held up by k1's shutdown
     assert shutting_down.wait(5)
-    assert "k1" in listed(tmp_path)  # were this process killed now, the next pool reaps it
+    assert "k1" in listed(tmp_path, pool)  # were this process killed now, the next pool reaps it
     release.set()
     deadline = time.monotonic() + 5
-    while "k1" in listed(tmp_path):
+    while "k1" in listed(tmp_path, pool):
         assert time.monotonic() < deadline, "a kernel shut down stays listed"
         time.sleep(0.01)
     assert server.shut_down == ["k1"]
@@ -134,8 +137,13 @@ def test_a_dropped_kernel_goes_in_the_background_and_stays_listed_until_gone(tmp
 def test_a_drop_still_going_at_close_is_left_listed_for_the_next_pool(tmp_path):
     server = FakeServer()
     release = Event()
-    pool = KernelPool(2, "python3", server.start, server.alive,
-                      lambda kernel_id, starting=False: release.wait(10), PoolLedger(tmp_path))
+    hung = {"k1"}  # the kernels that refill the pool meanwhile go at once
+
+    def shutdown(kernel_id: str, starting: bool = False) -> None:
+        if kernel_id in hung:
+            release.wait(10)
+
+    pool = KernelPool(2, "python3", server.start, server.alive, shutdown, PoolLedger(tmp_path))
     assert pool.wait_until_full(5)
     server.dead.add("k1")
     assert pool.take("python3")["id"] == "k2"
