@@ -245,10 +245,13 @@ manager = KernelManager(JupyterClient(settings), pool_size=1)
 
 
 def fork():  # as gunicorn --preload forks its workers from a master that built the app
+    ran, running = os.pipe()
     child = os.fork()
-    if child == 0:
+    if child == 0:  # os.fork() returns here once the at-fork handlers ran (forget_inherited)
+        os.write(running, b"x")
         time.sleep(60)
         os._exit(0)
+    os.read(ran, 1)  # the child may not have been scheduled yet: wait until it ran them
     print(child, flush=True)
 
 
