@@ -213,8 +213,9 @@ def test_callers_waiting_for_a_kernel_forgotten_in_another_process_are_told_it_i
         before = _lock_waiters()
         waiter = threading.Thread(target=wait_for_it)
         waiter.start()
-        while _lock_waiters() == before:  # it waits on the lock file
-            time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while _lock_waiters() == before and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it waits on the lock file
         go.set()
         waiter.join(10)
         assert len(outcome) == 1
