@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,12 +88,11 @@ def test_closing_shuts_the_ready_kernels_down():
 
 # -- the ledger: pooled kernels of a process that died -------------------------------------
 
-def listed(directory: Path, pool: KernelPool | None = None) -> set[str]:
-    """Every kernel id the ledgers in `directory` list. A ledger is emptied before each write:
-    while its `pool` may be writing (refilling, dropping), it is read under the pool's lock."""
-    with pool._changed if pool is not None else contextlib.nullcontext():
-        return {line.split()[0] for path in directory.glob(PoolLedger.PATTERN)
-                for line in path.read_text().splitlines()}
+def listed(directory: Path) -> set[str]:
+    """Every kernel id the ledgers in `directory` list (a ledger is replaced whole, so this
+    may read it while its pool writes it)."""
+    return {line.split()[0] for path in directory.glob(PoolLedger.PATTERN)
+            for line in path.read_text().splitlines()}
 
 
 def test_the_ledger_lists_ready_kernels_and_never_one_handed_out(tmp_path):
@@ -102,7 +102,7 @@ def test_the_ledger_lists_ready_kernels_and_never_one_handed_out(tmp_path):
     ready = {kernel["id"] for kernel in pool._ready}
     assert listed(tmp_path) == ready
     taken = pool.take("python3")["id"]
-    assert taken not in listed(tmp_path, pool)
+    assert taken not in listed(tmp_path)
     assert pool.wait_until_full(5)
     assert listed(tmp_path) == {kernel["id"] for kernel in pool._ready}
     pool.close()
@@ -124,10 +124,10 @@ def test_a_dropped_kernel_goes_in_the_background_and_stays_listed_until_gone(tmp
     server.dead.add("k1")
     assert pool.take("python3")["id"] == "k2"  # not held up by k1's shutdown
     assert shutting_down.wait(5)
-    assert "k1" in listed(tmp_path, pool)  # were this process killed now, the next pool reaps it
+    assert "k1" in listed(tmp_path)  # were this process killed now, the next pool reaps it
     release.set()
     deadline = time.monotonic() + 5
-    while "k1" in listed(tmp_path, pool):
+    while "k1" in listed(tmp_path):
         assert time.monotonic() < deadline, "a kernel shut down stays listed"
         time.sleep(0.01)
     assert server.shut_down == ["k1"]
@@ -217,7 +217,9 @@ def test_a_kernel_still_starting_at_close_is_left_for_the_next_pool(tmp_path):
     release.set()
 
 
-def test_a_ledger_that_cannot_be_written_is_given_up_not_half_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_call", ["pwrite", "rename"])
+def test_a_ledger_that_cannot_be_written_is_given_up_not_half_kept(tmp_path, monkeypatch,
+                                                                   failing_call):
     ledger = PoolLedger(tmp_path / "gone")  # no such directory
     ledger.record([str(uuid.uuid4())])
     assert ledger.directory is None  # warned once, then no more tries
@@ -226,15 +228,47 @@ def test_a_ledger_that_cannot_be_written_is_given_up_not_half_kept(tmp_path, mon
     # A write that fails once the file lists a kernel: the kernel about to be handed out must
     # not stay listed in an unlocked file.
     ledger = PoolLedger(tmp_path)
-    ledger.record([str(uuid.uuid4())])
+    handed_out, ready = str(uuid.uuid4()), str(uuid.uuid4())
+    ledger.record([handed_out, ready])
 
     def failing(*args):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "ftruncate", failing)
-    ledger.record([])
+    monkeypatch.setattr(os, failing_call, failing)
+    ledger.record([ready])
     monkeypatch.undo()
+    assert ledger.directory is None  # given up
     assert PoolLedger(tmp_path).reap(FakeServer().shutdown) == []
+    assert list(tmp_path.iterdir()) == []  # nothing half written left behind either
+
+
+def test_a_ledger_is_never_seen_empty_or_half_written(tmp_path):
+    """What a process killed at any moment leaves for `reap` is a whole list: the old one or
+    the new one (a reader at any moment sees the same)."""
+    lists = [[str(uuid.uuid4()) for _ in range(2)], [str(uuid.uuid4())]]
+    ledger = PoolLedger(tmp_path)
+    ledger.record(lists[0])
+    wanted = [{*kernel_ids} for kernel_ids in lists]
+    stop, seen = Event(), []
+
+    def read_all_the_time() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                seen.append(listed(tmp_path))
+
+    reader = threading.Thread(target=read_all_the_time)
+    reader.start()
+    turn, deadline = 0, time.monotonic() + 30
+    try:
+        while (len(seen) < 1000 or turn < 200) and time.monotonic() < deadline:
+            turn += 1
+            ledger.record(lists[turn % 2])
+    finally:
+        stop.set()
+        reader.join(10)
+    ledger.close()
+    assert len(seen) >= 1000 and turn >= 200
+    assert [ids for ids in seen if ids not in wanted] == []
 
 
 def test_a_ledger_stays_listed_after_a_tmp_cleaner_removed_it(tmp_path):

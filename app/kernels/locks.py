@@ -483,15 +483,18 @@ def _wait_until(attempt: Callable[[float], bool], deadline: float,
             return False
 
 
-def create_held(directory: Path, name: str) -> int:
-    """Creates the file `name` in `directory` and returns a descriptor that holds its `flock`
-    until it is closed (or its process dies). The file appears under its name only once held
-    (it is made under a hidden name, then renamed), so `take_if_abandoned` never mistakes a
-    new file for a dead process's."""
+def create_held(directory: Path, name: str, data: bytes = b"") -> int:
+    """Creates the file `name` in `directory`, holding `data`, and returns a descriptor that
+    holds its `flock` until it is closed (or its process dies). The file appears under its name
+    only once held and written (it is made under a hidden name, then renamed), so
+    `take_if_abandoned` never mistakes a new file for a dead process's, nor reads it half
+    written. A file already there under that name is replaced in the same step."""
     hidden = directory / f".{name}"
     fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if data and os.pwrite(fd, data, 0) != len(data):
+            raise OSError("short write")
         os.rename(hidden, directory / name)
     except OSError:
         os.close(fd)

@@ -216,9 +216,10 @@ class PoolLedger:
     one is shut down with `starting=True`: looked for a while longer if the server says no such
     kernel.
 
-    An id leaves the file before its kernel is handed out, and every write empties the file
-    before writing the new list: a failed write loses ids (those kernels would leak, as
-    without a ledger), but the file never lists a kernel a client was given.
+    An id leaves the file before its kernel is handed out. Each new list is written to a new
+    file that replaces the old one in one rename, so a process killed at any moment leaves a
+    whole list. A write that fails gives the file up (those kernels would leak, as without a
+    ledger): the file never lists a kernel a client was given.
     """
 
     PATTERN = "pool-*.ids"
@@ -238,14 +239,12 @@ class PoolLedger:
             lines.append(f"{starting} starting\n")
         data = "".join(lines).encode()
         try:
-            if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
-                os.close(self._fd)  # removed (a /tmp cleaner): list the kernels anew
-                self._fd = None
-            if self._fd is None:
-                self._open()
-            os.ftruncate(self._fd, 0)
-            if os.pwrite(self._fd, data, 0) != len(data):
-                raise OSError("short write")
+            if self._path is None:
+                self._path = self.directory / f"pool-{os.getpid()}-{uuid.uuid4().hex[:8]}.ids"
+            # (Also lists the kernels anew if a /tmp cleaner removed the file.)
+            replaced, self._fd = self._fd, create_held(self.directory, self._path.name, data)
+            if replaced is not None:
+                os.close(replaced)  # its file is no longer linked: no one can take it
         except OSError as err:
             log.warning("pooled kernels will not be shut down if this process is killed: "
                         "their list cannot be kept", extra={"context": {"reason": str(err)}})
@@ -293,11 +292,6 @@ class PoolLedger:
                             "closing its pool", extra={"context": {"kernel_ids": kernel_ids}})
             reaped += kernel_ids
         return reaped
-
-    def _open(self) -> None:
-        assert self.directory is not None
-        name = f"pool-{os.getpid()}-{uuid.uuid4().hex[:8]}.ids"
-        self._fd, self._path = create_held(self.directory, name), self.directory / name
 
     def _drop(self) -> None:
         """Removes the file and stops keeping one. A file that can be neither removed nor
