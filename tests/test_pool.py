@@ -242,6 +242,33 @@ def test_a_ledger_that_cannot_be_written_is_given_up_not_half_kept(tmp_path, mon
     assert list(tmp_path.iterdir()) == []  # nothing half written left behind either
 
 
+def test_a_list_replaced_as_a_reaper_opens_it_is_not_reaped(tmp_path, monkeypatch):
+    """A reaper that opened a living pool's list just before the pool replaced it (handing a
+    kernel out) gets the old file's lock once the pool lets go of it: that file is no longer
+    linked, so it is left alone, and the new one is held."""
+    ledger = PoolLedger(tmp_path)
+    handed_out, ready = str(uuid.uuid4()), str(uuid.uuid4())
+    ledger.record([handed_out, ready])
+    path = next(tmp_path.glob(PoolLedger.PATTERN))
+    real_open, replaced = os.open, []
+
+    def open_then_replace(file, *args, **kwargs):
+        fd = real_open(file, *args, **kwargs)
+        if Path(file) == path and not replaced:
+            replaced.append(file)
+            ledger.record([ready])  # between the reaper's open and its flock
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_replace)
+    server = FakeServer()
+    assert PoolLedger(tmp_path).reap(server.shutdown) == []
+    monkeypatch.undo()
+    assert replaced and server.shut_down == server.maybe_starting == []
+    assert listed(tmp_path) == {ready}  # and still there, held
+    assert PoolLedger(tmp_path).reap(server.shutdown) == []
+    ledger.close()
+
+
 def test_a_ledger_is_never_seen_empty_or_half_written(tmp_path):
     """What a process killed at any moment leaves for `reap` is a whole list: the old one or
     the new one (a reader at any moment sees the same)."""
@@ -253,8 +280,7 @@ def test_a_ledger_is_never_seen_empty_or_half_written(tmp_path):
 
     def read_all_the_time() -> None:
         while not stop.is_set():
-            with contextlib.suppress(FileNotFoundError):
-                seen.append(listed(tmp_path))
+            seen.append(listed(tmp_path))  # (the name is never missing either)
 
     reader = threading.Thread(target=read_all_the_time)
     reader.start()

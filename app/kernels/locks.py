@@ -496,7 +496,7 @@ def create_held(directory: Path, name: str, data: bytes = b"") -> int:
         if data and os.pwrite(fd, data, 0) != len(data):
             raise OSError("short write")
         os.rename(hidden, directory / name)
-    except OSError:
+    except BaseException:
         os.close(fd)
         hidden.unlink(missing_ok=True)
         raise
@@ -507,7 +507,9 @@ def create_held(directory: Path, name: str, data: bytes = b"") -> int:
 def take_if_abandoned(path: Path) -> Iterator[int | None]:
     """A file made by `create_held`: yields a descriptor holding it if the process that held
     it is gone (closed after the block), or None while that process lives. Raises
-    `FileNotFoundError` if the file is gone, or was removed by another taker meanwhile."""
+    `FileNotFoundError` if the file is gone, or was removed by another taker meanwhile, or
+    replaced by its holder (`create_held` over it: the descriptor is the old file's, which its
+    holder let go of after the new one took its name)."""
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     try:
         try:
