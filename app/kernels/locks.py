@@ -41,6 +41,7 @@ FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers at 
 FORGOTTEN_SECONDS = 60.0  # and for how long
 RESERVED = "start-"  # the prefix of the files of `KernelLocks.reserve`
 START_LOCK = "kernel-starts"  # the lock under which a counted start counts and reserves
+HIDDEN = "."  # the prefix of a file `create_held` is still making (see `sweep`)
 GONE = b"gone"  # what `forget` writes into a kernel's lock file before removing it
 STALE_SECONDS = 3600.0  # a lock file no process has taken for this long is removed (`sweep`)
 SWEEP_SECONDS = 600.0  # how often a process looks for such files
@@ -212,14 +213,15 @@ class KernelLocks:
     def sweep(self, older_than: float | None = None) -> int:
         """Removes the lock files that no process has taken for `older_than` seconds (default
         `STALE_SECONDS`; kernels shut down by other clients of the server, or culled by it,
-        leave theirs); returns how many. A caller that was about to take one takes a new file
-        instead (`_file_lock`)."""
+        leave theirs), and the hidden files of `create_held` left as long by a process killed
+        while making one; returns how many. A caller that was about to take a lock file takes
+        a new one instead (`_file_lock`)."""
         if self._directory is None:
             return 0
         cutoff = time.time() - (STALE_SECONDS if older_than is None else older_than)
         removed = 0
         failure: OSError | None = None
-        for path in self._directory.glob("*.lock"):
+        for path in [*self._directory.glob("*.lock"), *self._directory.glob(f"{HIDDEN}*")]:
             try:
                 if path.lstat().st_mtime >= cutoff:
                     continue
@@ -259,8 +261,8 @@ class KernelLocks:
                 log.warning("could not remove stale kernel lock files: %s", err)
                 return
             if removed:
-                log.info("removed %d lock files of kernels not used for %g s", removed,
-                         STALE_SECONDS)
+                log.info("removed %d stale files (kernel locks, interrupted writes) not used "
+                         "for %g s", removed, STALE_SECONDS)
 
         try:
             threading.Thread(target=sweep, daemon=True, name="kernel-lock-sweep").start()
@@ -489,7 +491,7 @@ def create_held(directory: Path, name: str, data: bytes = b"") -> int:
     only once held and written (it is made under a hidden name, then renamed), so
     `take_if_abandoned` never mistakes a new file for a dead process's, nor reads it half
     written. A file already there under that name is replaced in the same step."""
-    hidden = directory / f".{name}"
+    hidden = directory / f"{HIDDEN}{name}"
     fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

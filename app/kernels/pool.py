@@ -244,7 +244,9 @@ class PoolLedger:
             # (Also lists the kernels anew if a /tmp cleaner removed the file.)
             replaced, self._fd = self._fd, create_held(self.directory, self._path.name, data)
             if replaced is not None:
-                os.close(replaced)  # its file is no longer linked: no one can take it
+                # Its file is unlinked now: a `reap` that opened it before the rename and
+                # takes its lock finds that out (`take_if_abandoned`) and leaves it alone.
+                os.close(replaced)
         except OSError as err:
             log.warning("pooled kernels will not be shut down if this process is killed: "
                         "their list cannot be kept", extra={"context": {"reason": str(err)}})
