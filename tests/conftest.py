@@ -42,6 +42,21 @@ def pytest_configure(config) -> None:
     config.test_tmpdir = tempfile.mkdtemp(prefix="jupyter-kernel-proxy-tests-")
     os.environ["TMPDIR"] = config.test_tmpdir
     tempfile.tempdir = None  # asked anew: TMPDIR
+    _keep_ipython_history_apart(Path(config.test_tmpdir) / "ipython")
+
+
+def _keep_ipython_history_apart(directory: Path) -> None:
+    """The test kernels (every server the tests start passes its environment on) get an IPython
+    directory of this run, in which they keep no history. By default all of a user's kernels
+    write to one history database: a kernel a test freezes (SIGSTOP) while it writes there
+    keeps the database locked, the next kernel then takes the file for corrupt and moves it
+    away, and every other live kernel prints "The history saving thread hit an unexpected
+    error" into the output of the cell it runs next, which tests compare exactly (and kernels
+    of other runs on the same machine would see it too)."""
+    profile = directory / "profile_default"
+    profile.mkdir(parents=True)
+    (profile / "ipython_kernel_config.py").write_text("c.HistoryManager.enabled = False\n")
+    os.environ["IPYTHONDIR"] = str(directory)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -126,8 +141,11 @@ def log_stream() -> Iterator[io.StringIO]:
 
 @pytest.fixture
 def app(settings: Settings):
-    """The Flask app on the real server."""
-    return create_app(settings)
+    """The Flask app on the real server (its warm websockets closed after the test: each one
+    is a connection the server keeps to the session's kernels)."""
+    app = create_app(settings)
+    yield app
+    app.extensions["kernel_manager"].close()
 
 
 @pytest.fixture

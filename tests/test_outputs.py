@@ -65,3 +65,11 @@ def test_images_count_against_the_output_cap(settings, shared_kernel):
     assert answer["truncated"] is True
     assert [o["data"]["image/png"] for o in answer["outputs"]] == [PNG]
     assert answer["stdout"] == "", "nothing after the dropped image is kept: no holes"
+
+
+def test_the_test_kernels_keep_no_shared_history(http, shared_kernel):
+    """The tests compare output exactly: their kernels must not share IPython's history
+    database, which a frozen kernel can leave locked for the others (see conftest)."""
+    code = "print(get_ipython().history_manager.enabled)"
+    status, answer = post(http, "/execute_code", {"id": shared_kernel, "code": code})
+    assert (status, answer["stdout"]) == (200, "False\n")
