@@ -46,13 +46,15 @@ def pytest_configure(config) -> None:
 
 
 def _keep_ipython_history_apart(directory: Path) -> None:
-    """The test kernels (every server the tests start passes its environment on) get an IPython
-    directory of this run, in which they keep no history. By default all of a user's kernels
-    write to one history database: a kernel a test freezes (SIGSTOP) while it writes there
-    keeps the database locked, the next kernel then takes the file for corrupt and moves it
-    away, and every other live kernel prints "The history saving thread hit an unexpected
-    error" into the output of the cell it runs next, which tests compare exactly (and kernels
-    of other runs on the same machine would see it too)."""
+    """The test kernels get an IPython directory of this run, in which they keep no history.
+    Every server the tests start passes it on (the gateways also to a kernel whose start
+    request carries an `env`: see tests/gateway.py).
+
+    By default all of a user's kernels write to one history database. A kernel a test freezes
+    (SIGSTOP) while it writes there keeps the database locked; the next kernel then takes the
+    file for corrupt and moves it away, and the other live kernels print "The history saving
+    thread hit an unexpected error" into the output of a later cell, which tests compare
+    exactly (kernels of other runs on the same machine would see it too)."""
     profile = directory / "profile_default"
     profile.mkdir(parents=True)
     (profile / "ipython_kernel_config.py").write_text("c.HistoryManager.enabled = False\n")

@@ -41,6 +41,9 @@ c.KernelGatewayApp.max_kernels = {max_kernels}
 # As for the embedded jupyter_server: ordinary output must reach the proxy whole (KG relays
 # kernels through jupyter_server's own websocket connection class, rate limit included).
 c.ZMQChannelsWebsocketConnection.limit_rate = {limit_rate}
+# A start request that carries an `env` gives the kernel PATH, KERNEL_* and only these of the
+# gateway's own variables: the test run's IPython directory (see conftest) must reach it too.
+c.KernelGatewayApp.env_process_whitelist = ["IPYTHONDIR"]
 """
 
 EG_CONFIG = """\
@@ -53,6 +56,9 @@ c.EnterpriseGatewayApp.list_kernels = {list_kernels}
 c.EnterpriseGatewayApp.max_kernels = {max_kernels}
 # EG refuses to start kernels for root (its default `unauthorized_users`); CI runs as root.
 c.EnterpriseGatewayApp.unauthorized_users = set()
+# As for Kernel Gateway: a start request's `env` replaces the kernel's environment, but for
+# these of the gateway's own variables (the test run's IPython directory, see conftest).
+c.EnterpriseGatewayApp.inherited_envs = ["IPYTHONDIR"]
 """
 
 # Pinned whole, so that what the README says of it holds from one build to the next.

@@ -183,12 +183,14 @@ def test_kernel_env_in_a_start_request_reaches_only_a_gateways_kernel(
     try:
         answer = manager.execute_code(kernel_id, "import os\nprint(os.environ.get("
                                       "'KERNEL_USERNAME'), os.environ.get('NOT_A_KERNEL_VARIABLE'),"
-                                      " 'HOME' in os.environ)")
+                                      " 'HOME' in os.environ,"
+                                      " get_ipython().history_manager.enabled)")
     finally:
         manager.shutdown_kernel(kernel_id)
+    # (History is off in every test kernel: see conftest; a gateway passes IPYTHONDIR on.)
     if jupyter_server.kind != "jupyter_server":
         # KERNEL_* passes; anything else only if whitelisted; the gateway's own environment
         # (HOME, ...) is no longer inherited once a request carries an env.
-        assert answer["stdout"] == "alice None False\n"
+        assert answer["stdout"] == "alice None False False\n"
     else:
-        assert answer["stdout"] == "None None True\n"
+        assert answer["stdout"] == "None None True False\n"

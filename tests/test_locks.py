@@ -361,34 +361,33 @@ def test_half_made_files_of_a_process_killed_while_writing_them_are_swept():
     once it is as old as a stale lock file (held or recent ones, and named files, stay)."""
     import fcntl
 
-    from app.kernels.locks import STALE_SECONDS, create_held, private_directory
+    from app.kernels.locks import MAKING, STALE_SECONDS, create_held, private_directory
 
-    locks = KernelLocks(SERVER)
+    server = "http://half-made.test:8888"  # a directory of its own: no other test's files
+    locks = KernelLocks(server)
     locks._next_sweep = float("inf")  # no sweep of its own in the background: this test's
-    directory = private_directory(SERVER)
-    left = [directory / name for name in (".pool-1-0badf00d.ids", ".start-k15")]
-    for path in left:
-        path.write_text("a1b2c3d4-0000-4000-8000-000000000000\n")
-        _age(path, STALE_SECONDS + 60)
-    being_made = directory / ".pool-2-0badf00d.ids"  # its maker holds it (and is slow)
-    being_made.write_text("")
-    _age(being_made, STALE_SECONDS + 60)
-    recent = directory / ".start-k16"
-    recent.write_text("")
-    named = create_held(directory, "pool-3-0badf00d.ids", b"listed\n")  # whole: reap's
-    os.close(named)
-    _age(directory / "pool-3-0badf00d.ids", STALE_SECONDS + 60)
-    holder = os.open(being_made, os.O_RDONLY)
+    directory = private_directory(server)
+    left = [directory / f"{MAKING}{name}" for name in ("pool-1-0badf00d.ids", "start-k15")]
+    being_made = directory / f"{MAKING}pool-2-0badf00d.ids"  # its maker holds it (and is slow)
+    recent = directory / f"{MAKING}start-k16"
+    named = directory / "pool-3-0badf00d.ids"  # whole: `reap`'s to judge, not the sweep's
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        assert locks.sweep() == 2
+        for path in (*left, being_made, recent):
+            path.write_text("a1b2c3d4-0000-4000-8000-000000000000\n")
+        os.close(create_held(directory, named.name, b"listed\n"))
+        for path in (*left, being_made, named):
+            _age(path, STALE_SECONDS + 60)
+        holder = os.open(being_made, os.O_RDONLY)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            locks.sweep()
+        finally:
+            os.close(holder)
+        assert not any(path.exists() for path in left)
+        assert being_made.exists() and recent.exists()
+        assert named.read_text() == "listed\n"
     finally:
-        os.close(holder)
-    assert not any(path.exists() for path in left)
-    assert being_made.exists() and recent.exists()
-    assert (directory / "pool-3-0badf00d.ids").read_text() == "listed\n"
-    for path in (being_made, recent, directory / "pool-3-0badf00d.ids"):
-        path.unlink()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_caller_waiting_on_a_lock_file_that_is_removed_takes_the_new_one():

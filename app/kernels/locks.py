@@ -41,7 +41,7 @@ FORGOTTEN = 4096  # how many forgotten (gone) kernel ids a process remembers at 
 FORGOTTEN_SECONDS = 60.0  # and for how long
 RESERVED = "start-"  # the prefix of the files of `KernelLocks.reserve`
 START_LOCK = "kernel-starts"  # the lock under which a counted start counts and reserves
-HIDDEN = "."  # the prefix of a file `create_held` is still making (see `sweep`)
+MAKING = ".making-"  # (hidden) the prefix of a file `create_held` is still making (`sweep`)
 GONE = b"gone"  # what `forget` writes into a kernel's lock file before removing it
 STALE_SECONDS = 3600.0  # a lock file no process has taken for this long is removed (`sweep`)
 SWEEP_SECONDS = 600.0  # how often a process looks for such files
@@ -221,7 +221,7 @@ class KernelLocks:
         cutoff = time.time() - (STALE_SECONDS if older_than is None else older_than)
         removed = 0
         failure: OSError | None = None
-        for path in [*self._directory.glob("*.lock"), *self._directory.glob(f"{HIDDEN}*")]:
+        for path in [*self._directory.glob("*.lock"), *self._directory.glob(f"{MAKING}*")]:
             try:
                 if path.lstat().st_mtime >= cutoff:
                     continue
@@ -241,7 +241,7 @@ class KernelLocks:
             except OSError as err:
                 failure = failure or err  # the others are removed all the same
         if failure is not None:
-            log.warning("could not remove a stale kernel lock file: %s", failure)
+            log.warning("could not remove a stale file of the kernel lock directory: %s", failure)
         return removed
 
     def _start_sweep(self) -> None:
@@ -491,7 +491,7 @@ def create_held(directory: Path, name: str, data: bytes = b"") -> int:
     only once held and written (it is made under a hidden name, then renamed), so
     `take_if_abandoned` never mistakes a new file for a dead process's, nor reads it half
     written. A file already there under that name is replaced in the same step."""
-    hidden = directory / f"{HIDDEN}{name}"
+    hidden = directory / f"{MAKING}{name}"
     fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
